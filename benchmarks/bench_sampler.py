@@ -1,0 +1,70 @@
+"""Time one `Sampler` call at B=256, V=32000: all-greedy and a mixed-parameter batch.
+
+Run: `.venv/bin/python benchmarks/bench_sampler.py [--device cuda]`. Not collected by pytest;
+it backs the per-call timings quoted for the sampler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import timeit
+
+import torch
+
+from ernie_cluster.sample import Sampler, SamplingState
+from ernie_cluster.sampling_params import SamplingParams
+
+BATCH, VOCAB, PROMPT_LEN, OUTPUT_LEN = 256, 32000, 1000, 100
+
+
+def mixed_params(i: int) -> SamplingParams:
+    """Cycle through the parameter mixes a serving batch sees."""
+    return [
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.7, top_p=0.9),
+        SamplingParams(temperature=1.0, top_k=50, seed=i),
+        SamplingParams(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, logprobs=5),
+        SamplingParams(temperature=1.0, repetition_penalty=1.1, presence_penalty=0.5),
+        SamplingParams(
+            temperature=0.6, frequency_penalty=0.3, seed=i, min_tokens=200, max_tokens=None
+        ),
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.0, logprobs=1),
+    ][i % 8]
+
+
+def build_states(make_params, device: str) -> list[SamplingState]:
+    rng = random.Random(0)
+    states = []
+    for i in range(BATCH):
+        prompt = [rng.randrange(VOCAB) for _ in range(PROMPT_LEN)]
+        state = SamplingState.create(make_params(i), prompt, [2], device=device)
+        state.output_token_ids.extend(rng.randrange(VOCAB) for _ in range(OUTPUT_LEN))
+        states.append(state)
+    return states
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--number", type=int, default=20)
+    args = parser.parse_args()
+    logits = torch.randn(BATCH, VOCAB, device=args.device) * 3
+    sampler = Sampler()
+    cases = {
+        "greedy": build_states(lambda i: SamplingParams(temperature=0.0), args.device),
+        "mixed": build_states(mixed_params, args.device),
+    }
+    print(f"device={args.device} threads={torch.get_num_threads()} B={BATCH} V={VOCAB}")
+    for name, states in cases.items():
+        sampler(logits, states)  # warm-up
+        seconds = (
+            min(timeit.repeat(lambda s=states: sampler(logits, s), number=args.number, repeat=3))
+            / args.number
+        )
+        print(f"{name:>7}: {seconds * 1e3:.2f} ms/call")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Paged attention: per-step metadata and the backends that consume it."""
+
+from ernie_cluster.attention.backend import AttentionBackend, TorchPagedAttention
+from ernie_cluster.attention.metadata import AttentionMetadata
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "TorchPagedAttention"]

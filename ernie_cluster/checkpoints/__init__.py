@@ -1,0 +1,1 @@
+"""Random demo and test checkpoints in the Hugging Face hub layout."""

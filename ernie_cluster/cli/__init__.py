@@ -1,0 +1,1 @@
+"""The ernie-cluster command line."""

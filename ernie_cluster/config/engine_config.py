@@ -1,0 +1,74 @@
+"""Engine settings: what model, how it is split, how the KV cache and scheduler are sized.
+
+One dataclass shared by the Python API, the CLI and the Serve config; cross-field checks raise
+`ValueError` with the numbers. Values that depend on the checkpoint (max_model_len) are
+resolved against the model config by `resolve`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ernie_cluster.config.model_config import ErnieMoeConfig
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    """Checkpoint directory or Hugging Face repo id."""
+    revision: str | None = None
+    dtype: str = "auto"
+    """'auto' (the checkpoint's), 'float32', 'bfloat16' or 'float16'."""
+    device: str = "cpu"
+    tensor_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    max_model_len: int | None = None
+    """Longest prompt + output; defaults to the config's max_position_embeddings."""
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    """Token budget of one step, shared by prefill chunks and decodes."""
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    """Explicit KV cache size in blocks; overrides kv_cache_memory_bytes."""
+    kv_cache_memory_bytes: int | None = None
+    """KV cache budget per rank; default: 1 GiB on CPU, 90% of free memory on a GPU."""
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    """Seed of the default generator used by requests that give no seed."""
+    show_progress: bool = True
+
+    def __post_init__(self) -> None:
+        positive = (
+            "tensor_parallel_size",
+            "expert_parallel_size",
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "block_size",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tensor_parallel_size != self.expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size ({self.expert_parallel_size}) must equal "
+                f"tensor_parallel_size ({self.tensor_parallel_size}) for now"
+            )
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size
+
+    def resolve(self, model_config: ErnieMoeConfig) -> EngineConfig:
+        """Fill max_model_len from the checkpoint."""
+        if self.max_model_len is None:
+            return replace(self, max_model_len=model_config.max_position_embeddings)
+        return self
+
+    def num_blocks_cap(self) -> int:
+        """Never more blocks than every sequence at full length could use."""
+        max_len = self.max_model_len or 0
+        return self.max_num_seqs * (-(-max_len // self.block_size)) + 1

@@ -1,0 +1,1 @@
+"""The continuous-batching engine: scheduler, KV cache manager, request state."""

@@ -1,0 +1,9 @@
+"""Paged KV cache bookkeeping: the block pool, chained block hashes and per-request tables.
+
+Pure Python over block ids; the KV tensors themselves live with the workers.
+"""
+
+from ernie_cluster.engine.kv_cache.block_pool import BlockPool, KVBlock, hash_block_tokens
+from ernie_cluster.engine.kv_cache.kv_cache_manager import KVCacheManager, PrefixCacheStats
+
+__all__ = ["BlockPool", "KVBlock", "KVCacheManager", "PrefixCacheStats", "hash_block_tokens"]

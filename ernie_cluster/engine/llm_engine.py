@@ -1,0 +1,238 @@
+"""LLMEngine: the synchronous step loop (add requests, step, read outputs).
+
+Validates and tokenizes requests, expands n > 1 into sibling sequences, runs
+schedule -> execute -> update each step, and turns sampled tokens into RequestOutputs. One
+engine per model instance; the executor hides whether workers are local or Ray actors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.engine.kv_cache import KVCacheManager
+from ernie_cluster.engine.output_processor import OutputProcessor, RequestGroup
+from ernie_cluster.engine.request import Request, RequestStatus
+from ernie_cluster.engine.scheduler import Scheduler, SchedulerConfig
+from ernie_cluster.loader.checkpoint_files import resolve_model_path
+from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int]
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    num_prompt_tokens: int
+    """Prompt tokens of all requests added."""
+    num_prompt_tokens_computed: int
+    """Prompt tokens run through the model (prefix-cache hits excluded, recomputes included)."""
+    num_generated_tokens: int
+
+
+def read_generation_eos(model_dir: Path) -> list[int]:
+    path = model_dir / "generation_config.json"
+    if not path.is_file():
+        return []
+    eos = json.loads(path.read_text()).get("eos_token_id")
+    if eos is None:
+        return []
+    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, executor_factory=None) -> None:
+        self.model_dir = resolve_model_path(config.model, config.revision)
+        self.model_config = ErnieMoeConfig.from_pretrained(self.model_dir)
+        self.config = config.resolve(self.model_config)
+        self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
+        self.eos_token_ids = self._eos_token_ids()
+        if executor_factory is None:
+            from ernie_cluster.executor import make_executor
+
+            executor_factory = make_executor
+        self.executor = executor_factory(self.config, str(self.model_dir))
+        self.kv_cache = KVCacheManager(
+            self.executor.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+            ),
+            self.kv_cache,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self._arrival = itertools.count()
+        self._num_prompt_tokens = 0
+        self._num_generated_tokens = 0
+
+    @property
+    def max_model_len(self) -> int:
+        return int(self.config.max_model_len)  # resolved in __init__
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        ids.update(read_generation_eos(self.model_dir))
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.stop_token_ids_default())
+        return frozenset(ids)
+
+    # ------------------------------------------------------------------------ requests
+    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    "this checkpoint has no tokenizer files: give prompts as token ids"
+                )
+            return prompt, self.tokenizer.encode(prompt)
+        token_ids = [int(t) for t in prompt]
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return None, token_ids
+
+    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
+        if num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty: give at least one token")
+        if num_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {num_prompt_tokens} tokens but max_model_len is "
+                f"{self.max_model_len}: no room to generate"
+            )
+        if params.max_tokens is None:
+            return self.max_model_len - num_prompt_tokens
+        if num_prompt_tokens + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{num_prompt_tokens + params.max_tokens} exceeds max_model_len "
+                f"({self.max_model_len})"
+            )
+        return params.max_tokens
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        priority: int = 0,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.output_processor.groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.tokenize_prompt(prompt)
+        max_tokens = self.resolve_max_tokens(len(token_ids), params)
+        stop_ids = frozenset(params.stop_token_ids) | (
+            frozenset() if params.ignore_eos else self.eos_token_ids
+        )
+        arrival = next(self._arrival)
+        requests: list[Request] = []
+        for index in range(params.n):
+            requests.append(
+                Request(
+                    request_id=request_id if params.n == 1 else f"{request_id}#{index}",
+                    prompt_token_ids=token_ids,
+                    params=params,
+                    stop_token_ids=stop_ids,
+                    max_tokens=max_tokens,
+                    parent_id=request_id,
+                    sample_index=index,
+                    priority=priority,
+                    arrival_seq=arrival,
+                    prefill_leader=requests[0]
+                    if index and self.config.enable_prefix_caching
+                    else None,
+                )
+            )
+        for request in requests:
+            self.scheduler.add_request(request)  # raises before anything is half-added
+        group = RequestGroup(request_id, text, token_ids)
+        self.output_processor.add_group(group, requests)
+        self._num_prompt_tokens += len(token_ids)
+
+    def abort_request(self, request_ids: str | list[str]) -> None:
+        ids = [request_ids] if isinstance(request_ids, str) else request_ids
+        for request_id in ids:
+            group = self.output_processor.groups.get(request_id)
+            if group is None:
+                continue
+            ended = self.scheduler.finish_requests(
+                [seq.request.request_id for seq in group.sequences],
+                RequestStatus.FINISHED_ABORTED,
+            )
+            for request in ended:
+                self.output_processor.mark_finished(request)
+            self.output_processor.remove_group(group)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # ---------------------------------------------------------------------------- step
+    def step(self, delta: bool = False) -> list[RequestOutput]:
+        """Run one step; return outputs of requests that changed (cumulative by default)."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+            return []
+        runner_output = self.executor.execute_model(scheduler_output)
+        appended = self.scheduler.update_from_output(
+            scheduler_output, runner_output.sampled_token_ids
+        )
+        touched: dict[str, RequestGroup] = {}
+        to_finish: dict[RequestStatus, list[str]] = {}
+        for request, token in appended:
+            self._num_generated_tokens += 1
+            status = self.output_processor.process_token(
+                request, token, runner_output.logprobs.get(request.request_id)
+            )
+            if status is not None:
+                to_finish.setdefault(status, []).append(request.request_id)
+            touched[request.parent_id] = self.output_processor.group_of[request.request_id]
+        for status, ids in to_finish.items():
+            for request in self.scheduler.finish_requests(ids, status):
+                self.output_processor.mark_finished(request)
+        outputs = []
+        for group in touched.values():
+            outputs.append(self.output_processor.make_output(group, delta=delta))
+            if group.finished:
+                self.output_processor.remove_group(group)
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        kv = self.kv_cache
+        stats = kv.stats
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
+            kv_blocks_total=kv.num_blocks,
+            prefix_cache_hit_rate=stats.hit_rate,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
+            num_preemptions=self.scheduler.stats.num_preemptions,
+            num_prompt_tokens=self._num_prompt_tokens,
+            num_prompt_tokens_computed=self.scheduler.stats.num_prompt_tokens_computed,
+            num_generated_tokens=self._num_generated_tokens,
+        )
+
+    def shutdown(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None

@@ -1,0 +1,164 @@
+"""Turns sampled tokens into user-facing outputs: detokenization, stop checks, n > 1 groups.
+
+Runs on the driver after each step. Owns the stop rules (stop token ids, stop strings cut
+from the text, max_tokens, max_model_len, min_tokens) and the streaming hold-back that keeps
+a possible stop-string prefix from being sent before it is known not to be one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ernie_cluster.engine.request import Request, RequestStatus
+from ernie_cluster.outputs import CompletionOutput, RequestOutput
+from ernie_cluster.tokenizer import IncrementalDetokenizer, Tokenizer
+
+
+@dataclass
+class SequenceState:
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    text: str = ""
+    logprobs: list[dict[int, float]] | None = None
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    finish_reason: str | None = None
+    finish_sent: bool = False
+
+    def stop_holdback(self) -> int:
+        stops = self.request.params.stop
+        return max((len(s) for s in stops), default=1) - 1
+
+
+@dataclass
+class RequestGroup:
+    """One user request: a prompt and its n sampled sequences."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    sequences: list[SequenceState] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.finish_reason is not None for seq in self.sequences)
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.groups: dict[str, RequestGroup] = {}
+        self.group_of: dict[str, RequestGroup] = {}
+        self.sequence_of: dict[str, SequenceState] = {}
+
+    def add_group(self, group: RequestGroup, requests: list[Request]) -> None:
+        self.groups[group.request_id] = group
+        for request in requests:
+            detok = None
+            if self.tokenizer is not None:
+                detok = IncrementalDetokenizer(
+                    self.tokenizer,
+                    prompt_token_ids=request.prompt_token_ids,
+                    skip_special_tokens=request.params.skip_special_tokens,
+                )
+            seq = SequenceState(
+                request, detok, logprobs=[] if request.params.logprobs is not None else None
+            )
+            group.sequences.append(seq)
+            self.group_of[request.request_id] = group
+            self.sequence_of[request.request_id] = seq
+
+    def process_token(
+        self, request: Request, token: int, logprobs: dict[int, float] | None
+    ) -> RequestStatus | None:
+        """Record one new token; returns the finished status if the sequence must stop."""
+        seq = self.sequence_of[request.request_id]
+        if seq.logprobs is not None and logprobs is not None:
+            seq.logprobs.append(logprobs)
+        params = request.params
+        delta = seq.detokenizer.add_tokens([token]) if seq.detokenizer else ""
+        if request.num_output_tokens >= params.min_tokens:
+            if token in request.stop_token_ids:
+                request.stop_reason = token
+                seq.text += delta + (seq.detokenizer.flush() if seq.detokenizer else "")
+                return RequestStatus.FINISHED_STOPPED
+            if params.stop and self._check_stop_strings(seq, delta):
+                return RequestStatus.FINISHED_STOPPED
+        seq.text += delta
+        if (
+            request.num_output_tokens >= request.max_tokens
+            or request.num_tokens >= self.max_model_len
+        ):
+            if seq.detokenizer:
+                seq.text += seq.detokenizer.flush()
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _check_stop_strings(self, seq: SequenceState, delta: str) -> bool:
+        if not delta:
+            return False
+        params = seq.request.params
+        full = seq.text + delta
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            start = max(0, len(seq.text) - len(stop) + 1)
+            pos = full.find(stop, start)
+            if pos != -1 and (best is None or pos < best[0]):
+                best = (pos, stop)
+        if best is None:
+            return False
+        pos, stop = best
+        seq.text = full[: pos + len(stop)] if params.include_stop_str_in_output else full[:pos]
+        seq.request.stop_reason = stop
+        return True
+
+    def mark_finished(self, request: Request) -> None:
+        seq = self.sequence_of.get(request.request_id)
+        if seq is not None and seq.finish_reason is None:
+            seq.finish_reason = request.finish_reason
+
+    def make_output(self, group: RequestGroup, delta: bool) -> RequestOutput:
+        """Cumulative outputs, or (delta=True) only what is new since the last call."""
+        outputs = []
+        for index, seq in enumerate(group.sequences):
+            request = seq.request
+            finished = seq.finish_reason is not None
+            visible = len(seq.text) if finished else max(0, len(seq.text) - seq.stop_holdback())
+            visible = max(visible, seq.num_sent_chars)
+            token_ids = request.output_token_ids
+            if delta:
+                text = seq.text[seq.num_sent_chars : visible]
+                tokens = token_ids[seq.num_sent_tokens :]
+                logprobs = seq.logprobs[seq.num_sent_tokens :] if seq.logprobs is not None else None
+                if not text and not tokens and (not finished or seq.finish_sent):
+                    continue
+            else:
+                text, tokens, logprobs = seq.text[:visible], list(token_ids), seq.logprobs
+            seq.num_sent_chars, seq.num_sent_tokens = visible, len(token_ids)
+            seq.finish_sent = finished
+            outputs.append(
+                CompletionOutput(
+                    index=index,
+                    text=text,
+                    token_ids=list(tokens),
+                    logprobs=list(logprobs) if logprobs is not None else None,
+                    finish_reason=seq.finish_reason,
+                    stop_reason=request.stop_reason if finished else None,
+                )
+            )
+        first = group.sequences[0].request if group.sequences else None
+        return RequestOutput(
+            request_id=group.request_id,
+            prompt=group.prompt,
+            prompt_token_ids=group.prompt_token_ids,
+            outputs=outputs,
+            finished=group.finished,
+            num_cached_tokens=max(0, first.num_cached_tokens) if first else 0,
+        )
+
+    def remove_group(self, group: RequestGroup) -> None:
+        self.groups.pop(group.request_id, None)
+        for seq in group.sequences:
+            self.group_of.pop(seq.request.request_id, None)
+            self.sequence_of.pop(seq.request.request_id, None)

@@ -1,0 +1,99 @@
+"""Driver-side state of one sequence being generated (one sample of a prompt).
+
+The scheduler's invariant lives here: `num_computed_tokens` catches up with `num_tokens`
+(prompt + output). Prefill chunks, decodes, prefix-cache hits and recompute after preemption
+are all the same thing: computing the next tokens of this list. Never holds tensors.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from ernie_cluster.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self >= RequestStatus.FINISHED_STOPPED
+
+
+FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+    RequestStatus.FINISHED_ERROR: "error",
+}
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    """Unique per sequence; for n > 1 each sample is its own Request sharing `parent_id`."""
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: frozenset[int]
+    """Ids that end this sequence (eos unless ignore_eos, plus params.stop_token_ids)."""
+    max_tokens: int
+    """params.max_tokens resolved against max_model_len."""
+    parent_id: str
+    sample_index: int = 0
+    priority: int = 0
+    arrival_seq: int = 0
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = -1
+    """Prompt tokens served from the prefix cache at first scheduling (-1: not yet)."""
+    num_preemptions: int = 0
+    prefill_leader: Request | None = None
+    """For n > 1 siblings: wait until this sibling's prompt is computed, then hit its blocks."""
+    first_scheduled_time: float | None = None
+    stop_reason: int | str | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def sort_key(self) -> tuple[int, int]:
+        """Lower runs first: priority, then arrival (FCFS)."""
+        return (self.priority, self.arrival_seq)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    @property
+    def finish_reason(self) -> str | None:
+        return FINISH_REASONS.get(self.status)
+
+    def is_ready(self) -> bool:
+        """False while an n > 1 sibling is still computing the shared prompt."""
+        leader = self.prefill_leader
+        if leader is None or leader.is_finished:
+            return True
+        return leader.num_computed_tokens >= leader.num_prompt_tokens

@@ -1,0 +1,234 @@
+"""The scheduler: which requests advance by how many tokens this step.
+
+One rule covers prefill, chunked prefill, decode, prefix-cache hits and recompute: each
+request's `num_computed_tokens` catches up with its `num_tokens` under a per-step token budget.
+Running requests go first (so decodes step every step while a long prompt advances chunk by
+chunk); when KV blocks run out the lowest-priority (newest) running request is preempted and
+recomputed later. The scheduler owns block allocation through the KV cache manager; it never
+touches tensors and never decides what a worker computes beyond the token counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ernie_cluster.engine.kv_cache import KVCacheManager
+from ernie_cluster.engine.request import Request, RequestStatus
+from ernie_cluster.engine.scheduler_output import (
+    CachedRequestData,
+    NewRequestData,
+    SchedulerOutput,
+)
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SchedulerStats:
+    num_running: int = 0
+    num_waiting: int = 0
+    num_preemptions: int = 0
+    num_scheduled_tokens: int = 0
+    """All tokens computed so far (prefill chunks, recomputes and decodes)."""
+    num_prompt_tokens_computed: int = 0
+    """Prompt tokens actually run through the model (prefix-cache hits excluded)."""
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting: list[Request] = []  # sorted by Request.sort_key
+        self.running: list[Request] = []  # sorted by Request.sort_key
+        self.requests: dict[str, Request] = {}
+        self.stats = SchedulerStats()
+        # Blocks each request's workers already know about, to send only the new ones.
+        self._num_sent_blocks: dict[str, int] = {}
+        self._resumed: set[str] = set()
+        self._finished_since_last_step: list[str] = []
+
+    # ---------------------------------------------------------------- requests in and out
+    def add_request(self, request: Request) -> None:
+        needed = request.num_prompt_tokens + request.max_tokens
+        if not self.kv_cache.can_ever_fit(needed):
+            raise ValueError(
+                f"request needs {self.kv_cache.num_blocks_needed(needed)} KV blocks for "
+                f"{needed} tokens (prompt {request.num_prompt_tokens} + max_tokens "
+                f"{request.max_tokens}) but the cache holds only {self.kv_cache.num_blocks}"
+            )
+        self.requests[request.request_id] = request
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    def finish_requests(self, request_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests (abort, stop, error) and free their blocks at once."""
+        ended = []
+        for req_id in request_ids:
+            request = self.requests.pop(req_id, None)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            elif request in self.waiting:
+                self.waiting.remove(request)
+            request.status = status
+            self._free(request)
+            ended.append(request)
+        return ended
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.running or self.waiting)
+
+    # ---------------------------------------------------------------------------- a step
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
+        self._finished_since_last_step = []
+        preempted = False
+
+        scheduled_running: list[Request] = []
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            table = self.kv_cache.allocate_slots(
+                request.request_id, request.num_computed_tokens + num_new
+            )
+            while table is None:
+                victim = self.running.pop()  # highest sort key: lowest priority, newest
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+                table = self.kv_cache.allocate_slots(
+                    request.request_id, request.num_computed_tokens + num_new
+                )
+            if table is None:
+                break
+            scheduled_running.append(request)
+            self._add_to_output(out, request, table, num_new)
+            budget -= num_new
+            index += 1
+
+        # NOTE: no new admissions in a step that had to preempt: memory is short.
+        if not preempted:
+            budget = self._admit_waiting(out, budget)
+
+        self.stats.num_running = len(self.running)
+        self.stats.num_waiting = len(self.waiting)
+        self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
+        position = 0
+        while (
+            position < len(self.waiting)
+            and budget > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
+            request = self.waiting[position]
+            if not request.is_ready():
+                position += 1
+                continue
+            computed_blocks, num_computed = self.kv_cache.get_computed_blocks(
+                request.request_id, request.all_token_ids
+            )
+            num_new = min(request.num_tokens - num_computed, budget)
+            table = self.kv_cache.allocate_slots(
+                request.request_id, num_computed + num_new, computed_blocks
+            )
+            if table is None:
+                break
+            del self.waiting[position]
+            if request.status == RequestStatus.PREEMPTED:
+                self._resumed.add(request.request_id)
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_computed
+            request.num_computed_tokens = num_computed
+            request.status = RequestStatus.RUNNING
+            request.first_scheduled_time = request.first_scheduled_time or time.monotonic()
+            bisect.insort(self.running, request, key=lambda r: r.sort_key)
+            self._add_to_output(out, request, table, num_new)
+            budget -= num_new
+        return budget
+
+    def _add_to_output(
+        self, out: SchedulerOutput, request: Request, table: list[int], num_new: int
+    ) -> None:
+        req_id = request.request_id
+        sent = self._num_sent_blocks.get(req_id)
+        if sent is None:
+            out.new_requests.append(
+                NewRequestData(
+                    req_id=req_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    params=request.params,
+                    stop_token_ids=sorted(request.stop_token_ids),
+                    sample_index=request.sample_index,
+                    block_ids=list(table),
+                    num_computed_tokens=request.num_computed_tokens,
+                )
+            )
+        else:
+            resumed = req_id in self._resumed
+            self._resumed.discard(req_id)
+            out.cached_requests.append(
+                CachedRequestData(
+                    req_id=req_id,
+                    new_block_ids=list(table) if resumed else table[sent:],
+                    num_computed_tokens=request.num_computed_tokens,
+                    resumed=resumed,
+                )
+            )
+        self._num_sent_blocks[req_id] = len(table)
+        out.num_scheduled_tokens[req_id] = num_new
+        prompt_left = request.num_prompt_tokens - request.num_computed_tokens
+        self.stats.num_prompt_tokens_computed += max(0, min(num_new, prompt_left))
+        request.num_computed_tokens += num_new
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        bisect.insort(self.waiting, request, key=lambda r: r.sort_key)
+
+    def _free(self, request: Request) -> None:
+        self.kv_cache.free(request.request_id)
+        self._resumed.discard(request.request_id)
+        if self._num_sent_blocks.pop(request.request_id, None) is not None:
+            self._finished_since_last_step.append(request.request_id)
+
+    # ------------------------------------------------------------------ after the step
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[str, int]
+    ) -> list[tuple[Request, int]]:
+        """Publish newly written KV blocks and append sampled tokens.
+
+        Returns (request, token) for each request that sampled; the caller checks stop
+        conditions and ends requests through `finish_requests`.
+        """
+        appended = []
+        for req_id in out.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            self.kv_cache.cache_blocks(req_id, request.all_token_ids, request.num_computed_tokens)
+            token = sampled.get(req_id)
+            if token is not None:
+                request.output_token_ids.append(token)
+                appended.append((request, token))
+        return appended

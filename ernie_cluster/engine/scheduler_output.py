@@ -1,0 +1,61 @@
+"""The boundary types of one engine step: driver -> workers and workers -> driver.
+
+New requests travel in full once; running requests travel as diffs (new block ids, computed
+count). Workers keep their own per-request state (token ids, sampling state) between steps.
+Plain dataclasses of Python scalars and lists, cheap to pickle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ernie_cluster.sampling_params import SamplingParams
+
+
+@dataclass
+class NewRequestData:
+    req_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    stop_token_ids: list[int]
+    sample_index: int
+    block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class CachedRequestData:
+    req_id: str
+    new_block_ids: list[int]
+    """Appended to the worker's block table; the whole table when `resumed`."""
+    num_computed_tokens: int
+    resumed: bool = False
+    """Back from preemption: the worker recomputes from `num_computed_tokens` (its token ids
+    and sampling state were kept)."""
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    """Tokens each request computes this step, in batch order."""
+    finished_req_ids: list[str] = field(default_factory=list)
+    """Requests that ended since the last step: workers drop their state."""
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+@dataclass
+class ModelRunnerOutput:
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    """Only requests whose scheduled tokens reached the end of their sequence sample."""
+    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    expert_tokens: list[list[int]] | None = None
+    """Tokens routed to each expert per MoE layer during this step (load statistics)."""

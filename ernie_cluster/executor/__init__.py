@@ -1,0 +1,17 @@
+"""Executors: how the engine reaches its workers (in-process or Ray actors)."""
+
+from __future__ import annotations
+
+from ernie_cluster.config.engine_config import EngineConfig
+
+
+def make_executor(config: EngineConfig, model_dir: str):
+    """LocalExecutor for one shard; Ray actors otherwise."""
+    if config.world_size == 1:
+        from ernie_cluster.executor.local_executor import LocalExecutor
+
+        return LocalExecutor(config, model_dir)
+    raise ValueError(
+        f"tensor_parallel_size {config.world_size} needs the Ray executor, "
+        "which this build does not have yet"
+    )

@@ -1,0 +1,27 @@
+"""LocalExecutor: the single worker (W = 1) in the engine's own process, no Ray."""
+
+from __future__ import annotations
+
+from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from ernie_cluster.worker.worker import Worker
+
+
+class LocalExecutor:
+    def __init__(self, config: EngineConfig, model_dir: str) -> None:
+        if config.world_size != 1:
+            raise ValueError(
+                f"LocalExecutor runs one shard; tensor_parallel_size={config.world_size} "
+                "needs the Ray executor"
+            )
+        self.worker = Worker(config, model_dir, rank=0)
+        self.num_kv_blocks = self.worker.num_kv_blocks
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.worker.execute_model(scheduler_output)
+
+    def check_health(self) -> None:
+        """Raises if the executor cannot run steps (never, in-process)."""
+
+    def shutdown(self) -> None:
+        self.worker = None  # type: ignore[assignment]

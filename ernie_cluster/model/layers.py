@@ -1,0 +1,98 @@
+"""Building blocks of the ERNIE-4.5 decoder: RMSNorm, interleaved RoPE, SwiGLU MLP.
+
+All tensors are flat token batches: [num_tokens, hidden]. Numerics follow the reference
+implementation exactly (float32 normalisation and rotary math, cast back before the weight).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ernie_cluster.model.weights import WeightTarget, rows, whole
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # NOTE: normalise in float32, cast back, THEN scale: the order matters in bfloat16.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class InterleavedRotaryEmbedding(nn.Module):
+    """GPT-J style RoPE: rotates adjacent pairs (2i, 2i+1); computed in float32."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions [N]; q [N, Hq, D]; k [N, Hkv, D]
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, D/2]
+        cos = freqs.cos()[:, None, :]  # [N, 1, D/2]
+        sin = freqs.sin()[:, None, :]
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        even, odd = x32[..., 0::2], x32[..., 1::2]  # [N, H, D/2] each
+        out = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+        return out.flatten(-2).to(x.dtype)
+
+
+class SwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)), with gate and up fused into one [2I, H] matrix.
+
+    `shard_start`/`intermediate_size` select a column-parallel slice of the intermediate
+    dimension; the caller sums partial outputs across ranks when the slice is not whole.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        dtype: torch.dtype,
+        full_intermediate_size: int | None = None,
+        shard_start: int = 0,
+    ) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.full_intermediate_size = full_intermediate_size or intermediate_size
+        self.shard_start = shard_start
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(2 * intermediate_size, hidden_size, dtype=dtype), requires_grad=False
+        )
+        self.down_proj = nn.Parameter(
+            torch.empty(hidden_size, intermediate_size, dtype=dtype), requires_grad=False
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [N, I] each
+        return F.linear(F.silu(gate) * up, self.down_proj)
+
+    def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
+        inter, full, start = self.intermediate_size, self.full_intermediate_size, self.shard_start
+        in_shape = (full, self.hidden_size)
+        targets = {
+            f"{prefix}.gate_proj.weight": rows(self.gate_up_proj.data[:inter], in_shape, start),
+            f"{prefix}.up_proj.weight": rows(self.gate_up_proj.data[inter:], in_shape, start),
+        }
+        if inter == full:
+            targets[f"{prefix}.down_proj.weight"] = whole(self.down_proj.data)
+        else:
+            targets[f"{prefix}.down_proj.weight"] = WeightTarget(
+                (self.hidden_size, full), self.down_proj.data, 1, start, start + inter
+            )
+        return targets
