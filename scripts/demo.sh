@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/ernie-cluster generate --chat --prompt "Hello, ERNIE!" --max-tokens 32 "$@"
+exec .venv/bin/ernie-cluster generate --chat --prompt "Hello, ERNIE!" --max-tokens 32 --temperature 0.8 --seed 0 "$@"

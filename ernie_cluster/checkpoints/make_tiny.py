@@ -39,8 +39,10 @@ def random_state_dict(config: ErnieMoeConfig, seed: int) -> dict[str, torch.Tens
         tensors[f"{prefix}.up_proj.weight"] = linear(inter, hidden)
         tensors[f"{prefix}.down_proj.weight"] = linear(hidden, inter)
 
+    # NOTE: embeddings of norm ~1 keep the tied head's logits at a few units: sampling has
+    # real entropy (a sharper model repeats one token and hides sampling bugs).
     tensors: dict[str, torch.Tensor] = {
-        "model.embed_tokens.weight": torch.randn(config.vocab_size, hidden, generator=gen)
+        "model.embed_tokens.weight": linear(config.vocab_size, hidden)
     }
     for i in range(config.num_hidden_layers):
         p = f"model.layers.{i}"

@@ -94,6 +94,6 @@ class Request:
     def is_ready(self) -> bool:
         """False while an n > 1 sibling is still computing the shared prompt."""
         leader = self.prefill_leader
-        if leader is None or leader.is_finished:
-            return True
-        return leader.num_computed_tokens >= leader.num_prompt_tokens
+        # NOTE: the leader's first sampled token proves its prompt KV was written and the
+        # blocks published; num_computed_tokens alone advances before the step runs.
+        return leader is None or leader.is_finished or leader.num_output_tokens > 0

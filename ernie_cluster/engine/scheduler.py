@@ -98,11 +98,17 @@ class Scheduler:
         self._finished_since_last_step = []
         preempted = False
 
-        scheduled_running: list[Request] = []
+        waiting_reserve = self._waiting_reserve()
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if num_new > 1:
+                # A prefill chunk leaves one token for every running request behind it (so
+                # decodes step every step) and a share for a waiting request (so a short
+                # request is not stuck behind a 128K prompt).
+                others = len(self.running) - index - 1 + waiting_reserve
+                num_new = max(min(num_new, budget - others), min(num_new, budget, 16))
             table = self.kv_cache.allocate_slots(
                 request.request_id, request.num_computed_tokens + num_new
             )
@@ -117,7 +123,6 @@ class Scheduler:
                 )
             if table is None:
                 break
-            scheduled_running.append(request)
             self._add_to_output(out, request, table, num_new)
             budget -= num_new
             index += 1
@@ -130,6 +135,16 @@ class Scheduler:
         self.stats.num_waiting = len(self.waiting)
         self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
         return out
+
+    def _waiting_reserve(self) -> int:
+        """Tokens kept back from running prefills for the first admissible waiting request."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return 0
+        for request in self.waiting:
+            if request.is_ready():
+                wanted = request.num_tokens - request.num_computed_tokens
+                return min(wanted, self.config.max_num_batched_tokens // 4)
+        return 0
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int) -> int:
         position = 0

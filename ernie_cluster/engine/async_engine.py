@@ -1,0 +1,158 @@
+"""AsyncLLMEngine: the step loop as an asyncio service with streaming per-request outputs.
+
+`async for out in engine.generate(prompt, params, request_id)` yields deltas (new tokens and
+text only). Steps run in a worker thread so the event loop stays responsive; requests are
+added and aborted between steps under one lock. A consumer that stops iterating (client
+disconnect, cancellation) aborts its request and frees its KV blocks at once. If a step fails
+the engine is marked dead: every in-flight request gets the error and health checks fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.engine.llm_engine import EngineStats, LLMEngine, Prompt
+from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine stopped stepping (a worker died or a step failed); rebuild it."""
+
+
+@dataclass
+class _Stream:
+    queue: asyncio.Queue
+    finished: bool = False
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._streams: dict[str, _Stream] = {}
+        self._lock: asyncio.Lock | None = None
+        self._wakeup: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._dead: BaseException | None = None
+        self._closed = False
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, **kwargs) -> AsyncLLMEngine:
+        return cls(LLMEngine(config, **kwargs))
+
+    # ------------------------------------------------------------------------- public
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._dead is None and not self._closed
+
+    def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine is dead: {self._dead}") from self._dead
+        if self._closed:
+            raise EngineDeadError("engine is shut down")
+        health = getattr(self.engine.executor, "check_health", None)
+        if health is not None:
+            health()
+
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream the request's outputs as deltas; the last one has `finished=True`."""
+        self._ensure_loop()
+        self.check_health()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        stream = _Stream(asyncio.Queue())
+        async with self._lock:  # type: ignore[union-attr]
+            self.engine.add_request(request_id, prompt, params, priority=priority)
+            self._streams[request_id] = stream
+        self._wakeup.set()  # type: ignore[union-attr]
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finished:
+                    stream.finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not stream.finished:
+                await self.abort(request_id)
+
+    async def abort(self, request_id: str) -> None:
+        if self._lock is None:
+            return
+        async with self._lock:
+            self.engine.abort_request(request_id)
+        self._streams.pop(request_id, None)
+
+    def get_stats(self) -> EngineStats:
+        return self.engine.get_stats()
+
+    async def shutdown(self) -> None:
+        self._closed = True
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop_task
+        self._fail_all(EngineDeadError("engine is shut down"))
+        self.engine.shutdown()
+
+    # ------------------------------------------------------------------------ the loop
+    def _ensure_loop(self) -> None:
+        if self._dead is not None or self._closed:
+            return
+        loop = asyncio.get_running_loop()
+        task = self._loop_task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        # NOTE: a new event loop (asyncio.run called again) needs its own lock and event.
+        self._lock = asyncio.Lock()
+        self._wakeup = asyncio.Event()
+        self._loop_task = loop.create_task(self._run_loop())
+
+    async def _run_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while not self._closed:
+                if not self.engine.has_unfinished_requests():
+                    self._wakeup.clear()  # type: ignore[union-attr]
+                    await self._wakeup.wait()  # type: ignore[union-attr]
+                    continue
+                async with self._lock:  # type: ignore[union-attr]
+                    outputs = await loop.run_in_executor(None, self.engine.step, True)
+                for output in outputs:
+                    stream = self._streams.get(output.request_id)
+                    if stream is not None:
+                        stream.queue.put_nowait(output)
+                # NOTE: yield to the event loop between steps so consumers and new requests
+                # get a turn even when the engine is always busy.
+                await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a step failed: nothing can run any more
+            logger.exception("engine step failed; the engine is now dead")
+            self._dead = exc
+            self._fail_all(EngineDeadError(f"engine step failed: {exc}"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        for stream in list(self._streams.values()):
+            stream.queue.put_nowait(error)
+        self._streams.clear()
