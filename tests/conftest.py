@@ -19,3 +19,19 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray instance for the whole session (explicit CPUs: the shards are CPU
+    bundles and two W = 2 engines must fit at once)."""
+    import ray
+
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "lo"}},
+    )
+    yield ray
+    ray.shutdown()

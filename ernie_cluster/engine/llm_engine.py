@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.engine.kv_cache import KVCacheManager
@@ -20,6 +22,7 @@ from ernie_cluster.engine.output_processor import OutputProcessor, RequestGroup
 from ernie_cluster.engine.request import Request, RequestStatus
 from ernie_cluster.engine.scheduler import Scheduler, SchedulerConfig
 from ernie_cluster.loader.checkpoint_files import resolve_model_path
+from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.outputs import RequestOutput
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
@@ -44,6 +47,19 @@ class EngineStats:
     num_prompt_tokens_computed: int
     """Prompt tokens run through the model (prefix-cache hits excluded, recomputes included)."""
     num_generated_tokens: int
+    num_scheduled_tokens: int
+    """Every token run through the model (prefill chunks, recomputes, decodes)."""
+    expert_tokens_per_layer: torch.Tensor
+    """[moe_layers, experts] (token, expert) assignments routed to each expert so far."""
+
+    @property
+    def expert_load_imbalance(self) -> float:
+        """max / mean tokens per expert, worst MoE layer (1.0 = perfectly balanced)."""
+        load = self.expert_tokens_per_layer.float()
+        if load.numel() == 0 or load.sum() == 0:
+            return 1.0
+        per_layer = load.max(1).values / load.mean(1).clamp(min=1e-9)
+        return float(per_layer.max())
 
 
 def read_generation_eos(model_dir: Path) -> list[int]:
@@ -63,6 +79,7 @@ class LLMEngine:
         self.config = config.resolve(self.model_config)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
         self.eos_token_ids = self._eos_token_ids()
+        ShardSpec(0, self.config.world_size).check(self.model_config)  # before any worker starts
         if executor_factory is None:
             from ernie_cluster.executor import make_executor
 
@@ -230,6 +247,8 @@ class LLMEngine:
             num_prompt_tokens=self._num_prompt_tokens,
             num_prompt_tokens_computed=self.scheduler.stats.num_prompt_tokens_computed,
             num_generated_tokens=self._num_generated_tokens,
+            num_scheduled_tokens=self.scheduler.stats.num_scheduled_tokens,
+            expert_tokens_per_layer=self.executor.expert_load(),
         )
 
     def shutdown(self) -> None:

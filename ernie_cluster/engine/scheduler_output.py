@@ -57,5 +57,3 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     """Only requests whose scheduled tokens reached the end of their sequence sample."""
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
-    expert_tokens: list[list[int]] | None = None
-    """Tokens routed to each expert per MoE layer during this step (load statistics)."""

@@ -11,7 +11,6 @@ def make_executor(config: EngineConfig, model_dir: str):
         from ernie_cluster.executor.local_executor import LocalExecutor
 
         return LocalExecutor(config, model_dir)
-    raise ValueError(
-        f"tensor_parallel_size {config.world_size} needs the Ray executor, "
-        "which this build does not have yet"
-    )
+    from ernie_cluster.executor.ray_executor import RayExecutor
+
+    return RayExecutor(config, model_dir)

@@ -20,6 +20,12 @@ class LocalExecutor:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.worker.execute_model(scheduler_output)
 
+    def collective_rpc(self, method: str, *args, timeout: float | None = None) -> list:
+        return [getattr(self.worker, method)(*args)]
+
+    def expert_load(self):
+        return self.worker.expert_load()
+
     def check_health(self) -> None:
         """Raises if the executor cannot run steps (never, in-process)."""
 

@@ -8,6 +8,7 @@ import torch
 
 from ernie_cluster.attention.backend import AttentionBackend
 from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.loader.safetensors_loader import IGNORED_WHEN_TIED, load_weights
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.model.sharding import ShardSpec
@@ -32,11 +33,12 @@ def load_model(
     backend: AttentionBackend | None = None,
     config: ErnieMoeConfig | None = None,
     show_progress: bool = True,
+    comm: Communicator | None = None,
 ) -> Ernie4_5_MoeForCausalLM:
     config = config or ErnieMoeConfig.from_pretrained(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device(device):
-        model = Ernie4_5_MoeForCausalLM(config, torch_dtype, shard, backend)
+        model = Ernie4_5_MoeForCausalLM(config, torch_dtype, shard, backend, comm)
     ignored = IGNORED_WHEN_TIED if config.tie_word_embeddings else ()
     load_weights(model.weight_targets(), model_dir, show_progress=show_progress, ignored=ignored)
     return model.eval()

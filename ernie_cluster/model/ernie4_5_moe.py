@@ -1,9 +1,13 @@
-"""Ernie4_5_MoeForCausalLM on flat token batches (the engine's model).
+"""Ernie4_5_MoeForCausalLM on flat token batches, tensor- and expert-parallel (the engine's
+model).
 
 Input is the step's tokens flattened across sequences: `input_ids` [N], `positions` [N] and an
-`AttentionMetadata`; output is hidden states [N, H]. `compute_logits` runs the final head only
-on the rows that are sampled. Module names mirror the checkpoint's so a weight name greps to
-its module; `weight_targets` maps every checkpoint tensor to this rank's parameters.
+`AttentionMetadata`. Between layers the residual stream is sharded by TOKENS: rank r holds
+rows [r*n, (r+1)*n) of the batch padded to W*n, so each token is routed to its experts once.
+Attention all-gathers the normed rows, runs this rank's heads and reduce-scatters the partial
+o_proj sums. Embedding and lm_head are split over the vocabulary. With one rank every
+collective is an identity and the numerics are those of the reference implementation.
+Module names mirror the checkpoint's so a weight name greps to its module.
 """
 
 from __future__ import annotations
@@ -15,11 +19,12 @@ from torch import nn
 from ernie_cluster.attention.backend import AttentionBackend, TorchPagedAttention
 from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.distributed.communicator import SINGLE_RANK, Communicator
 from ernie_cluster.model.attention import Ernie4_5_MoeAttention
 from ernie_cluster.model.layers import InterleavedRotaryEmbedding, RMSNorm, SwiGLUMLP
 from ernie_cluster.model.moe import Ernie4_5_MoeSparseMoeBlock
 from ernie_cluster.model.sharding import ShardSpec
-from ernie_cluster.model.weights import WeightTarget, whole
+from ernie_cluster.model.weights import WeightTarget, rows, whole
 
 
 class Ernie4_5_MoeDecoderLayer(nn.Module):
@@ -31,24 +36,43 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
         backend: AttentionBackend,
         rotary: InterleavedRotaryEmbedding,
         dtype: torch.dtype,
+        comm: Communicator,
     ) -> None:
         super().__init__()
         self.layer_idx = layer_idx
+        self.comm = comm
         self.is_moe = config.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.self_attn = Ernie4_5_MoeAttention(config, shard, backend, rotary, dtype)
+        # NOTE: the dense MLP is replicated and runs on this rank's tokens: no communication.
         self.mlp: nn.Module = (
-            Ernie4_5_MoeSparseMoeBlock(config, shard, dtype)
+            Ernie4_5_MoeSparseMoeBlock(config, shard, dtype, comm)
             if self.is_moe
             else SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
         )
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        num_valid: int,
     ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+        """hidden [n, H]: this rank's token rows (the first `num_valid` are real tokens)."""
+        num_tokens = positions.shape[0]
+        normed = self.comm.all_gather_rows(self.input_layernorm(hidden))[:num_tokens]  # [N, H]
+        attn = self.self_attn(positions, normed, meta)  # [N, H] partial over heads
+        padding = self.comm.pad_rows(num_tokens) - num_tokens
+        if padding:
+            attn = F.pad(attn, (0, 0, 0, padding))
+        hidden = hidden + self.comm.reduce_scatter_rows(attn)  # [n, H]
+        normed = self.post_attention_layernorm(hidden)
+        mlp_out = torch.zeros_like(hidden) if num_valid < hidden.shape[0] else None
+        if mlp_out is None:
+            return hidden + self.mlp(normed)
+        mlp_out[:num_valid] = self.mlp(normed[:num_valid])
+        return hidden + mlp_out
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
         return {
@@ -68,21 +92,32 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         shard: ShardSpec | None = None,
         backend: AttentionBackend | None = None,
+        comm: Communicator | None = None,
     ) -> None:
         super().__init__()
         shard = shard or ShardSpec()
         shard.check(config)
+        comm = comm or SINGLE_RANK
+        if (comm.rank, comm.world_size) != (shard.rank, shard.world_size):
+            raise ValueError(
+                f"communicator rank {comm.rank}/{comm.world_size} does not match shard "
+                f"{shard.rank}/{shard.world_size}"
+            )
         self.config = config
         self.dtype = dtype
         self.shard = shard
+        self.comm = comm
         backend = backend or TorchPagedAttention()
         rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta)
         self.rotary = rotary
+        self.vocab_start, self.vocab_stop = shard.vocab(config)
+        self.vocab_per_rank = -(-config.vocab_size // shard.world_size)
+        local_vocab = self.vocab_stop - self.vocab_start
         self.embed_tokens = nn.Parameter(
-            torch.empty(config.vocab_size, config.hidden_size, dtype=dtype), requires_grad=False
+            torch.empty(local_vocab, config.hidden_size, dtype=dtype), requires_grad=False
         )
         self.layers = nn.ModuleList(
-            Ernie4_5_MoeDecoderLayer(config, i, shard, backend, rotary, dtype)
+            Ernie4_5_MoeDecoderLayer(config, i, shard, backend, rotary, dtype, comm)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
@@ -90,8 +125,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
             None
             if config.tie_word_embeddings
             else nn.Parameter(
-                torch.empty(config.vocab_size, config.hidden_size, dtype=dtype),
-                requires_grad=False,
+                torch.empty(local_vocab, config.hidden_size, dtype=dtype), requires_grad=False
             )
         )
 
@@ -102,29 +136,64 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             layer.self_attn.kv_cache = cache
 
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [N] -> this rank's token rows [n, H] of the embeddings."""
+        if self.comm.world_size == 1:
+            return F.embedding(input_ids, self.embed_tokens)
+        in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_stop)
+        local_ids = (input_ids - self.vocab_start).clamp(0, self.embed_tokens.shape[0] - 1)
+        partial = F.embedding(local_ids, self.embed_tokens) * in_range.unsqueeze(-1)  # [N, H]
+        padding = self.comm.pad_rows(input_ids.shape[0]) - input_ids.shape[0]
+        return self.comm.reduce_scatter_rows(F.pad(partial, (0, 0, 0, padding)))
+
+    def num_local_valid(self, num_tokens: int) -> int:
+        rows_per_rank = self.comm.pad_rows(num_tokens) // self.comm.world_size
+        return max(0, min(rows_per_rank, num_tokens - self.comm.rank * rows_per_rank))
+
     @torch.inference_mode()
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """input_ids [N], positions [N] -> final-normed hidden states [N, H]."""
-        hidden = F.embedding(input_ids, self.embed_tokens)
+        """input_ids [N], positions [N] -> this rank's final-normed token rows [n, H]."""
+        num_valid = self.num_local_valid(input_ids.shape[0])
+        hidden = self._embed(input_ids)
         for layer in self.layers:
-            hidden = layer(positions, hidden, meta)
+            hidden = layer(positions, hidden, meta, num_valid)
         return self.norm(hidden)
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [M, H] -> float32 logits [M, vocab]."""
+    def compute_logits(
+        self, hidden: torch.Tensor, sample_rows: torch.Tensor
+    ) -> torch.Tensor | None:
+        """hidden [n, H] from `forward`, global rows to sample [B] -> float32 logits [B, V] on
+        rank 0 (None on the other ranks)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        if self.comm.world_size == 1:
+            return F.linear(hidden[sample_rows], head).float()
+        selected = self.comm.all_gather_rows(hidden)[sample_rows]  # [B, H]
+        local = F.linear(selected, head).float()  # [B, V_local]
+        if local.shape[1] < self.vocab_per_rank:
+            local = F.pad(local, (0, self.vocab_per_rank - local.shape[1]), value=float("-inf"))
+        logits = self.comm.gather_to_first(local, dim=1)  # [B, W * V_per_rank]
+        return None if logits is None else logits[:, : self.config.vocab_size]
+
+    def expert_load(self) -> torch.Tensor:
+        """Tokens routed to each expert of each MoE layer on this rank: [moe_layers, experts]."""
+        counts = [layer.mlp.experts.tokens_per_expert for layer in self.layers if layer.is_moe]
+        if not counts:
+            return torch.zeros(0, self.config.moe_num_experts, dtype=torch.long)
+        return torch.stack(counts).cpu()
 
     def weight_targets(self) -> dict[str, WeightTarget]:
+        vocab_shape = (self.config.vocab_size, self.config.hidden_size)
         targets = {
-            "model.embed_tokens.weight": whole(self.embed_tokens.data),
+            "model.embed_tokens.weight": rows(
+                self.embed_tokens.data, vocab_shape, self.vocab_start
+            ),
             "model.norm.weight": whole(self.norm.weight.data),
         }
         for i, layer in enumerate(self.layers):
             targets.update(layer.weight_targets(f"model.layers.{i}"))
         if self.lm_head is not None:
-            targets["lm_head.weight"] = whole(self.lm_head.data)
+            targets["lm_head.weight"] = rows(self.lm_head.data, vocab_shape, self.vocab_start)
         return targets

@@ -2,10 +2,9 @@
 
 Routing: softmax over float32 router logits; top-k chosen on (probabilities + correction
 bias); combine weights are the UNBIASED probabilities of the chosen experts, renormalised.
-Experts run grouped: tokens are sorted by expert and each active expert does one matmul over
-its tokens. This module holds this rank's experts [expert_start, expert_stop); `experts_forward`
-takes already-routed (token, expert, weight) assignments so the expert-parallel dispatcher can
-feed it tokens that arrived from other ranks.
+Experts run grouped: rows are sorted by expert and each active expert does one matmul over
+its rows. This module holds this rank's experts [expert_start, expert_stop); `forward_rows`
+takes rows already routed to them, wherever they came from (see distributed/expert_dispatch).
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.distributed.communicator import Communicator
+from ernie_cluster.distributed.expert_dispatch import dispatch_combine
 from ernie_cluster.model.layers import SwiGLUMLP
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.model.weights import WeightTarget, elsewhere, whole
@@ -64,39 +65,24 @@ class Ernie4_5_MoeExperts(nn.Module):
             "tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
         )
 
-    def forward(
-        self, hidden: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
-    ) -> torch.Tensor:
-        """Weighted sum of local experts' outputs for each row of `hidden`.
-
-        hidden [M, H]; expert_ids [M, k] (global ids; those outside this rank are ignored);
-        weights [M, k] -> [M, H].
-        """
-        _num_rows, top_k = expert_ids.shape
-        out = torch.zeros_like(hidden)
-        flat_experts = expert_ids.reshape(-1)  # [M*k]
-        local = (flat_experts >= self.expert_start) & (flat_experts < self.expert_stop)
-        assignment = local.nonzero().squeeze(-1)  # [A] indices into the flat (row, slot) pairs
-        if assignment.numel() == 0:
-            return out
-        local_expert = flat_experts[assignment] - self.expert_start
-        order = torch.argsort(local_expert, stable=True)
-        assignment, local_expert = assignment[order], local_expert[order]
-        counts = torch.bincount(local_expert, minlength=self.expert_stop - self.expert_start)
+    def forward_rows(self, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        """rows [R, H] with the global expert id of each row [R] (all owned here) -> the
+        unweighted expert outputs [R, H]; one matmul pair per active expert."""
+        local_ids = expert_ids - self.expert_start
+        order = torch.argsort(local_ids, stable=True)
+        counts = torch.bincount(local_ids, minlength=self.expert_stop - self.expert_start)
         self.tokens_per_expert[self.expert_start : self.expert_stop] += counts
-        token_rows = assignment // top_k
-        token_weights = weights.reshape(-1)[assignment].unsqueeze(-1)  # [A, 1]
-        gathered = hidden[token_rows]  # [A, H]
+        grouped = rows[order]  # [R, H] grouped by expert
         offset = 0
         for expert, count in enumerate(counts.tolist()):
             if count == 0:
                 continue
-            chunk = gathered[offset : offset + count]
+            chunk = grouped[offset : offset + count]
             gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            expert_out = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            gathered[offset : offset + count] = expert_out * token_weights[offset : offset + count]
+            grouped[offset : offset + count] = F.linear(F.silu(gate) * up, self.down_proj[expert])
             offset += count
-        out.index_add_(0, token_rows, gathered)
+        out = torch.empty_like(rows)
+        out[order] = grouped
         return out
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
@@ -117,10 +103,17 @@ class Ernie4_5_MoeExperts(nn.Module):
 
 
 class Ernie4_5_MoeSparseMoeBlock(nn.Module):
-    """Router + routed experts + shared experts, single-rank form (W = 1)."""
+    """Router + routed experts (expert-parallel over the ranks) + shared experts (replicated).
 
-    def __init__(self, config: ErnieMoeConfig, shard: ShardSpec, dtype: torch.dtype) -> None:
+    Runs on this rank's slice of the token batch; every rank calls it every MoE layer.
+    """
+
+    def __init__(
+        self, config: ErnieMoeConfig, shard: ShardSpec, dtype: torch.dtype, comm: Communicator
+    ) -> None:
         super().__init__()
+        self.comm = comm
+        self.experts_per_rank = config.moe_num_experts // shard.world_size
         self.gate = Ernie4_5_MoeRouter(config)
         self.experts = Ernie4_5_MoeExperts(config, shard, dtype)
         self.shared_experts = (
@@ -130,8 +123,11 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, H] (this rank's tokens, possibly none) -> [n, H]."""
         expert_ids, weights = self.gate(hidden)
-        out = self.experts(hidden, expert_ids, weights)
+        out = dispatch_combine(
+            hidden, expert_ids, weights, self.experts.forward_rows, self.experts_per_rank, self.comm
+        )
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out

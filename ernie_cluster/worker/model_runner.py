@@ -41,14 +41,13 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device | str = "cpu",
-        sample: bool = True,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
         self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, self.device)
         model.bind_kv_caches(self.kv_caches)
-        self.sampler = Sampler() if sample else None
+        self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
 
     def update_states(self, out: SchedulerOutput) -> None:
@@ -105,20 +104,26 @@ class ModelRunner:
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)
         hidden = self.model(ids, pos, meta)  # [N, H]
-        if not sample_rows or self.sampler is None:
+        if not sample_rows:
             return ModelRunnerOutput()
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden[rows])  # [B, V] float32
-        states = [self.requests[r].sampling for r in sample_ids]
-        sampled = self.sampler(logits, states)
+        logits = self.model.compute_logits(hidden, rows)  # [B, V] float32 on rank 0
         result = ModelRunnerOutput()
-        for req_id, token, logprobs in zip(
-            sample_ids, sampled.token_ids, sampled.logprobs, strict=True
-        ):
+        comm = self.model.comm
+        if comm.is_first:
+            states = [self.requests[r].sampling for r in sample_ids]
+            sampled = self.sampler(logits, states)
+            tokens = torch.tensor(sampled.token_ids, dtype=torch.long, device=self.device)
+            for req_id, logprobs in zip(sample_ids, sampled.logprobs, strict=True):
+                if logprobs is not None:
+                    result.logprobs[req_id] = logprobs
+        else:
+            tokens = torch.empty(len(sample_ids), dtype=torch.long, device=self.device)
+        # Every rank needs the sampled tokens as the next step's inputs.
+        token_list = comm.broadcast_from_first(tokens).tolist()
+        for req_id, token in zip(sample_ids, token_list, strict=True):
             state = self.requests[req_id]
             state.token_ids.append(token)
             state.sampling.output_token_ids.append(token)
             result.sampled_token_ids[req_id] = token
-            if logprobs is not None:
-                result.logprobs[req_id] = logprobs
         return result

@@ -12,6 +12,7 @@ import torch
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.sharding import ShardSpec
@@ -23,10 +24,17 @@ CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, model_dir: str, rank: int = 0) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_dir: str,
+        rank: int = 0,
+        comm: Communicator | None = None,
+        device: torch.device | None = None,
+    ) -> None:
         self.config = config
         self.rank = rank
-        self.device = torch.device(config.device)
+        self.device = device or torch.device(config.device)
         self.model_config = ErnieMoeConfig.from_pretrained(model_dir)
         shard = ShardSpec(rank, config.world_size)
         self.model = load_model(
@@ -36,11 +44,10 @@ class Worker:
             device=self.device,
             config=self.model_config,
             show_progress=config.show_progress and rank == 0,
+            comm=comm,
         )
         self.num_kv_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(
-            self.model, self.num_kv_blocks, config.block_size, self.device, sample=rank == 0
-        )
+        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.device)
         if config.seed is not None:
             torch.manual_seed(config.seed)
         logger.info(
@@ -72,3 +79,15 @@ class Worker:
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
+
+    def expert_load(self) -> torch.Tensor:
+        """[moe_layers, experts] tokens routed to this rank's experts since start."""
+        return self.model.expert_load()
+
+    def resident_parameter_bytes(self) -> dict[str, int]:
+        """Bytes of parameters held by this rank, by kind (routed experts vs the rest)."""
+        sizes = {"experts": 0, "other": 0}
+        for name, param in self.model.named_parameters():
+            kind = "experts" if ".experts." in f".{name}." else "other"
+            sizes[kind] += param.numel() * param.element_size()
+        return sizes

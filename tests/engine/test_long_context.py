@@ -7,7 +7,8 @@ import random
 
 import pytest
 import torch
-from engine_helpers import assert_no_leaks, hf_greedy
+from engine_helpers import assert_no_leaks
+from hf_reference import hf_greedy
 
 from ernie_cluster import LLM, SamplingParams
 

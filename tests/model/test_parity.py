@@ -48,7 +48,7 @@ def our_logits(model, token_ids: list[int]) -> torch.Tensor:
     )
     meta = AttentionMetadata.build([n], [n], [list(range(num_blocks))], block_size)
     hidden = model(torch.tensor(token_ids), torch.arange(n), meta)
-    return model.compute_logits(hidden)
+    return model.compute_logits(hidden, torch.arange(n))
 
 
 def prompt_ids(vocab: int, n: int, seed: int = 1) -> list[int]:

@@ -1,10 +1,8 @@
-"""Helpers shared by the engine tests: the reference greedy decoder and block-leak checks."""
+"""Helpers shared by the engine tests: prompt sets and block-leak checks."""
 
 from __future__ import annotations
 
 import random
-
-import torch
 
 
 def random_prompts(count: int, vocab: int, seed: int, lengths=(1, 300), shared_prefix=64):
@@ -20,20 +18,6 @@ def random_prompts(count: int, vocab: int, seed: int, lengths=(1, 300), shared_p
         prompts.append(body)
     prompts[-1] = prompts[-1][: lengths[1]] + [7] * max(0, lengths[1] - len(prompts[-1]))
     return prompts
-
-
-@torch.no_grad()
-def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
-    out = model.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
 
 
 def assert_no_leaks(engine) -> None:
