@@ -29,7 +29,7 @@ def dispatch_combine(
     comm: Communicator,
 ) -> torch.Tensor:
     """hidden [n, H]; expert_ids/weights [n, k] -> weighted sum of expert outputs [n, H]."""
-    num_tokens, top_k = expert_ids.shape
+    top_k = expert_ids.shape[1]
     flat_ids = expert_ids.reshape(-1)  # [n*k]
     order = torch.argsort(flat_ids, stable=True)  # by expert, so also by destination rank
     token_of_pair = order // top_k  # [n*k]

@@ -9,6 +9,7 @@ existing Ray cluster (a Serve replica, `ray start`) or starts a local Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -211,10 +212,8 @@ class RayExecutor:
         self._kill_workers()
         self.workers = []
         if self._own_group and self.placement_group is not None:
-            try:
+            with contextlib.suppress(Exception):
                 remove_placement_group(self.placement_group)
-            except Exception:
-                pass
             self.placement_group = None
         if self._dead is None:
             self._dead = RuntimeError("executor is shut down")
