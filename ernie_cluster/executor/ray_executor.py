@@ -203,10 +203,8 @@ class RayExecutor:
 
     def _kill_workers(self) -> None:
         for worker in self.workers:
-            try:
+            with contextlib.suppress(Exception):  # already gone
                 ray.kill(worker, no_restart=True)
-            except Exception:  # already gone
-                pass
 
     def shutdown(self) -> None:
         self._kill_workers()
