@@ -1,10 +1,12 @@
 """RayExecutor: one Ray actor per shard, in one placement group, in lock-step.
 
-Each step the SchedulerOutput is put in the object store once and every rank executes it;
-rank 0's result (sampled tokens) comes back. The driver waits on all ranks so that an actor
-that dies surfaces at once as `WorkerDiedError` (its peers would otherwise hang inside a
-collective); the executor then kills the others and reports itself dead. Works inside an
-existing Ray cluster (a Serve replica, `ray start`) or starts a local Ray.
+Ray places, starts and stops the shard workers; the per-step traffic goes over a socket step
+channel (see step_channel.py; measured in benchmarks/bench_control.py against plain Ray actor
+calls). Each step the SchedulerOutput is pickled once and sent to every rank; rank 0 replies
+with the sampled tokens. An actor that dies surfaces at once as `WorkerDiedError` (its peers
+would otherwise hang inside a collective); the executor then kills the others and reports
+itself dead. Works inside an existing Ray cluster (a Serve replica, `ray start`) or starts a
+local Ray.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from ernie_cluster.executor.step_channel import StepChannelServer, StepChannelWorker, StepFailure
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +34,7 @@ class WorkerDiedError(RuntimeError):
     """A shard worker died or failed; the executor cannot run steps any more."""
 
 
-@ray.remote
-class RayWorker:
+class RayWorkerBase:
     """Hosts one rank's `Worker` inside a Ray actor."""
 
     def __init__(self, config: EngineConfig, model_dir: str, rank: int) -> None:
@@ -67,12 +69,19 @@ class RayWorker:
         output = self.worker.execute_model(scheduler_output)
         return output if self.rank == 0 else None
 
+    def serve_steps(self, address: str) -> None:
+        """Connect to the driver's step channel and execute steps on a background thread."""
+        self._step_channel = StepChannelWorker(address, self.rank, self.execute_model)
+
     def call(self, method: str, *args):
         result = getattr(self.worker, method)(*args)
         return result
 
     def ping(self) -> int:
         return os.getpid()
+
+
+RayWorker = ray.remote(RayWorkerBase)
 
 
 def _ensure_ray() -> None:
@@ -101,11 +110,16 @@ class RayExecutor:
         model_dir: str,
         placement_strategy: str = "STRICT_PACK",
         cpus_per_worker: int = 1,
+        worker_cls=None,
+        step_timeout_s: float | None = None,
     ) -> None:
+        """`worker_cls`: a RayWorker subclass (tests and benchmarks inject stubs)."""
         _ensure_ray()
         self.config = config
         self.world_size = config.world_size
+        self.step_timeout_s = step_timeout_s
         self._dead: BaseException | None = None
+        self._channel: StepChannelServer | None = None
         use_gpu = config.device.startswith("cuda")
         resource = "GPU" if use_gpu else "CPU"
         self._own_group = False
@@ -126,8 +140,9 @@ class RayExecutor:
                 ) from exc
         self.placement_group = group
         bundle_ids = [i for i, b in enumerate(group.bundle_specs) if b.get(resource, 0) >= 1]
+        actor_cls = ray.remote(worker_cls) if worker_cls is not None else RayWorker
         self.workers = [
-            RayWorker.options(
+            actor_cls.options(
                 num_cpus=0 if use_gpu else cpus_per_worker,
                 num_gpus=1 if use_gpu else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -142,21 +157,32 @@ class RayExecutor:
             num_blocks = ray.get(
                 [w.start.remote(init_method, cpus_per_worker) for w in self.workers]
             )
+            self._channel = StepChannelServer(ray.util.get_node_ip_address())
+            ray.get([w.serve_steps.remote(self._channel.address) for w in self.workers])
+            self._channel.accept(self.world_size, timeout_s=60)
         except BaseException:
             self.shutdown()
             raise
-        # Every rank sized its cache from its own memory; all must use the smallest.
-        self.num_kv_blocks = min(num_blocks)
         if len(set(num_blocks)) > 1:
+            self.shutdown()
             raise RuntimeError(f"ranks disagree on KV cache size: {num_blocks}")
+        self.num_kv_blocks = num_blocks[0]
         logger.info("Ray executor ready: %d workers (%s)", self.world_size, resource)
 
     # ------------------------------------------------------------------------- steps
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._raise_if_dead()
-        ref = ray.put(scheduler_output)
-        refs = [worker.execute_model.remote(ref) for worker in self.workers]
-        return self._wait_all(refs)[0]
+        try:
+            replies = self._channel.step(scheduler_output, self.step_timeout_s)
+        except OSError as exc:  # a closed socket (dead worker) or a timeout
+            self._mark_dead(exc)
+            raise WorkerDiedError(f"a shard worker stopped answering: {exc}") from exc
+        failures = [r for r in replies if isinstance(r, StepFailure)]
+        if failures:
+            error = RuntimeError(failures[0].message)
+            self._mark_dead(error)
+            raise WorkerDiedError(f"a shard worker failed its step: {failures[0].message}")
+        return replies[0]
 
     def collective_rpc(self, method: str, *args, timeout: float | None = None) -> list:
         self._raise_if_dead()
@@ -202,6 +228,9 @@ class RayExecutor:
             self._kill_workers()
 
     def _kill_workers(self) -> None:
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
         for worker in self.workers:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(worker, no_restart=True)
