@@ -7,6 +7,8 @@ all-to-all splits are exchanged as counts first. Never holds model state.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -21,6 +23,8 @@ class Communicator:
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
         self.rank = rank
         self.world_size = world_size
+        # Bytes this rank sent to OTHER ranks, by collective (for the benchmarks and stats).
+        self.bytes_sent: dict[str, int] = {"all_gather": 0, "reduce_scatter": 0, "all_to_all": 0}
 
     @property
     def is_first(self) -> bool:
@@ -36,6 +40,7 @@ class Communicator:
             return x
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
         _all_gather_single(out, x.contiguous())
+        self.bytes_sent["all_gather"] += x.numel() * x.element_size() * (self.world_size - 1)
         return out
 
     def reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,6 +49,9 @@ class Communicator:
             return x
         out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
         dist.reduce_scatter_tensor(out, x.contiguous())
+        self.bytes_sent["reduce_scatter"] += (
+            out.numel() * out.element_size() * (self.world_size - 1)
+        )
         return out
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +75,9 @@ class Communicator:
             return x
         out = x.new_empty((sum(recv_counts), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        remote_rows = sum(send_counts) - send_counts[self.rank]
+        self.bytes_sent["all_to_all"] += remote_rows * row_bytes
         return out
 
     def gather_to_first(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:

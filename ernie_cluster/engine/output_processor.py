@@ -77,14 +77,15 @@ class OutputProcessor:
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(logprobs)
         params = request.params
+        past_min_tokens = request.num_output_tokens >= params.min_tokens
+        if past_min_tokens and token in request.stop_token_ids:
+            # The stop token's own text is not part of the output (as with stop strings).
+            request.stop_reason = token
+            seq.text += seq.detokenizer.flush() if seq.detokenizer else ""
+            return RequestStatus.FINISHED_STOPPED
         delta = seq.detokenizer.add_tokens([token]) if seq.detokenizer else ""
-        if request.num_output_tokens >= params.min_tokens:
-            if token in request.stop_token_ids:
-                request.stop_reason = token
-                seq.text += delta + (seq.detokenizer.flush() if seq.detokenizer else "")
-                return RequestStatus.FINISHED_STOPPED
-            if params.stop and self._check_stop_strings(seq, delta):
-                return RequestStatus.FINISHED_STOPPED
+        if past_min_tokens and params.stop and self._check_stop_strings(seq, delta):
+            return RequestStatus.FINISHED_STOPPED
         seq.text += delta
         if (
             request.num_output_tokens >= request.max_tokens

@@ -84,6 +84,10 @@ class Worker:
         """[moe_layers, experts] tokens routed to this rank's experts since start."""
         return self.model.expert_load()
 
+    def communication_bytes(self) -> dict[str, int]:
+        """Bytes this rank has sent to the other ranks, by collective."""
+        return dict(self.model.comm.bytes_sent)
+
     def resident_parameter_bytes(self) -> dict[str, int]:
         """Bytes of parameters held by this rank, by kind (routed experts vs the rest)."""
         sizes = {"experts": 0, "other": 0}

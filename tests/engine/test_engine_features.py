@@ -138,6 +138,8 @@ def test_min_tokens_masks_stop_tokens(llm):
         SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, stop_token_ids=[stopper]),
     )[0].outputs[0]
     assert short.token_ids[-1] == stopper and short.finish_reason == "stop"
+    assert short.stop_reason == stopper
+    assert short.text == llm.tokenizer.decode(short.token_ids[:-1])  # stop token text left out
     held = llm.generate(
         [prompt],
         SamplingParams(
