@@ -24,6 +24,22 @@ class CompletionOutput:
 
 
 @dataclass
+class RequestMetrics:
+    """Monotonic timestamps (seconds) of one request inside the engine."""
+
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     prompt: str | None
@@ -32,3 +48,6 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
+    metrics: RequestMetrics | None = None
+    served_by: str | None = None
+    """The model replica that produced this output (set by the serving layer)."""

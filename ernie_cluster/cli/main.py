@@ -121,6 +121,65 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def serve_config_from_args(args: argparse.Namespace):
+    from ernie_cluster.serving.ray_serve.config import AutoscalingConfig, ServeAppConfig
+
+    autoscaling = None
+    if args.min_replicas is not None or args.max_replicas is not None:
+        autoscaling = AutoscalingConfig(
+            min_replicas=args.min_replicas if args.min_replicas is not None else 1,
+            max_replicas=args.max_replicas or max(1, args.min_replicas or 1),
+            target_ongoing_requests=args.target_ongoing_requests,
+        )
+    engine = engine_kwargs(args)
+    return ServeAppConfig(
+        model=args.model,
+        served_model_name=args.served_model_name,
+        reasoning_parser=args.reasoning_parser,
+        tool_call_parser=args.tool_call_parser,
+        api_key=args.api_key,
+        max_waiting_requests=args.max_waiting_requests,
+        num_replicas=args.num_replicas,
+        autoscaling=autoscaling,
+        **{k: v for k, v in engine.items() if k in ServeAppConfig.model_fields},
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+    import time
+
+    import ray
+    from ray import serve
+
+    from ernie_cluster.serving.ray_serve.builder import build_app
+
+    config = serve_config_from_args(args)
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        **({} if address else {"num_cpus": args.num_cpus}),
+    )
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(config), name="ernie", route_prefix="/", blocking=False)
+    print(
+        f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 "
+        f"(model {config.served_model_name or [config.model or 'ernie-demo']}); Ctrl-C stops",
+        flush=True,
+    )
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ernie-cluster",
@@ -135,6 +194,59 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     tiny.set_defaults(func=cmd_make_tiny)
+
+    srv = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
+    add_engine_args(srv)
+    g = srv.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="model names clients send (default: --model)",
+    )
+    g.add_argument(
+        "--reasoning-parser",
+        default=None,
+        choices=["ernie_x1", "ernie45"],
+        help="split reasoning_content from content",
+    )
+    g.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["ernie_x1", "ernie45"],
+        help="parse <tool_call> blocks into tool_calls",
+    )
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    g.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=None,
+        help="503 + Retry-After once this many requests wait in a replica",
+    )
+    g.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (default: RAY_ADDRESS, else start one)",
+    )
+    g.add_argument(
+        "--num-cpus",
+        type=int,
+        default=None,
+        help="logical CPUs of a locally started Ray (default: all)",
+    )
+    s_ = srv.add_argument_group("replicas (Ray Serve)")
+    s_.add_argument("--num-replicas", type=int, default=None, help="fixed model replicas")
+    s_.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")
+    s_.add_argument("--max-replicas", type=int, default=None, help="autoscaling upper bound")
+    s_.add_argument(
+        "--target-ongoing-requests",
+        type=float,
+        default=16.0,
+        help="requests in flight per replica that autoscaling aims for",
+    )
+    srv.set_defaults(func=cmd_serve)
 
     gen = sub.add_parser("generate", help="offline generation for one prompt")
     add_engine_args(gen)

@@ -12,9 +12,10 @@ import math
 import torch
 import torch.distributed as dist
 
-# NOTE: torch 2.13 renamed all_gather_into_tensor; older releases (the GPU image) lack the new
-# name. Both take (output, input, group).
+# NOTE: torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor; older releases
+# (the GPU image) lack the new names. Both take (output, input, ...).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 class Communicator:
@@ -48,7 +49,7 @@ class Communicator:
         if self.world_size == 1:
             return x
         out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-        dist.reduce_scatter_tensor(out, x.contiguous())
+        _reduce_scatter_single(out, x.contiguous())
         self.bytes_sent["reduce_scatter"] += (
             out.numel() * out.element_size() * (self.world_size - 1)
         )

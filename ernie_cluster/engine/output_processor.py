@@ -7,10 +7,11 @@ a possible stop-string prefix from being sent before it is known not to be one.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 from ernie_cluster.engine.request import Request, RequestStatus
-from ernie_cluster.outputs import CompletionOutput, RequestOutput
+from ernie_cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ernie_cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -38,6 +39,7 @@ class RequestGroup:
     prompt: str | None
     prompt_token_ids: list[int]
     sequences: list[SequenceState] = field(default_factory=list)
+    metrics: RequestMetrics | None = None
 
     @property
     def finished(self) -> bool:
@@ -149,6 +151,16 @@ class OutputProcessor:
                 )
             )
         first = group.sequences[0].request if group.sequences else None
+        if first is not None:
+            metrics = group.metrics = group.metrics or RequestMetrics(first.arrival_time)
+            metrics.first_scheduled_time = first.first_scheduled_time
+            now = time.monotonic()
+            if metrics.first_token_time is None and any(
+                s.request.output_token_ids for s in group.sequences
+            ):
+                metrics.first_token_time = now
+            if group.finished:
+                metrics.finished_time = now
         return RequestOutput(
             request_id=group.request_id,
             prompt=group.prompt,
@@ -156,6 +168,7 @@ class OutputProcessor:
             outputs=outputs,
             finished=group.finished,
             num_cached_tokens=max(0, first.num_cached_tokens) if first else 0,
+            metrics=group.metrics,
         )
 
     def remove_group(self, group: RequestGroup) -> None:

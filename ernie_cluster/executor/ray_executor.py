@@ -139,7 +139,10 @@ class RayExecutor:
                     f"({placement_strategy}) within 60 s: not enough {resource}s in the cluster"
                 ) from exc
         self.placement_group = group
-        bundle_ids = [i for i, b in enumerate(group.bundle_specs) if b.get(resource, 0) >= 1]
+        # NOTE: the last W fitting bundles: in a Serve replica's group, bundle 0 holds the
+        # replica itself.
+        fitting = [i for i, b in enumerate(group.bundle_specs) if b.get(resource, 0) >= 1]
+        bundle_ids = fitting[-self.world_size :]
         actor_cls = ray.remote(worker_cls) if worker_cls is not None else RayWorker
         self.workers = [
             actor_cls.options(

@@ -14,15 +14,20 @@ logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
+HUB_PATTERNS = ["*.json", "*.jinja", "tokenizer.model", "*.txt"]
+WEIGHT_PATTERNS = ["*.safetensors"]
 
 
 class CheckpointError(ValueError):
     """The checkpoint on disk is inconsistent (missing file, broken index, bad tensor)."""
 
 
-def resolve_model_path(model: str | Path, revision: str | None = None) -> Path:
-    """A local checkpoint directory as is, else a hub repo id downloaded into the HF cache."""
+def resolve_model_path(
+    model: str | Path, revision: str | None = None, include_weights: bool = True
+) -> Path:
+    """A local checkpoint directory as is, else a hub repo id downloaded into the HF cache
+    (without the safetensors shards when `include_weights` is False: an HTTP front end only
+    needs the config, tokenizer and template)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return path
@@ -35,7 +40,8 @@ def resolve_model_path(model: str | Path, revision: str | None = None) -> Path:
     from huggingface_hub import snapshot_download
 
     logger.info("downloading %s from the Hugging Face hub (cached after the first time)", name)
-    return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=HUB_PATTERNS))
+    patterns = HUB_PATTERNS + (WEIGHT_PATTERNS if include_weights else [])
+    return Path(snapshot_download(repo_id=name, revision=revision, allow_patterns=patterns))
 
 
 def weight_map(model_dir: Path) -> dict[str, Path]:

@@ -1,0 +1,49 @@
+"""OpenAIServing: everything behind the OpenAI routes, independent of the web framework and
+of where the engine runs (in-process, or Ray Serve replicas behind a handle)."""
+
+from __future__ import annotations
+
+from ernie_cluster.serving.chat import ChatHandler
+from ernie_cluster.serving.completions import CompletionHandler
+from ernie_cluster.serving.engine_client import EngineClient
+from ernie_cluster.serving.errors import NotFoundError
+from ernie_cluster.serving.metrics import ServingMetrics
+from ernie_cluster.serving.protocol import ModelCard, ModelList
+from ernie_cluster.serving.settings import ServingSettings
+
+
+class OpenAIServing:
+    def __init__(self, client: EngineClient, settings: ServingSettings) -> None:
+        self.client = client
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        self.chat = ChatHandler(client, settings, self.metrics)
+        self.completions = CompletionHandler(client, settings, self.metrics)
+
+    def check_model(self, name: str) -> None:
+        if name not in self.settings.served_model_names:
+            raise NotFoundError(
+                f"the model {name!r} does not exist; this server serves "
+                f"{self.settings.served_model_names}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def models(self) -> ModelList:
+        return ModelList(
+            data=[
+                ModelCard(
+                    id=name,
+                    root=self.settings.model_name,
+                    max_model_len=self.settings.max_model_len,
+                )
+                for name in self.settings.served_model_names
+            ]
+        )
+
+    async def render_metrics(self) -> bytes:
+        try:
+            stats = await self.client.get_stats()
+        except Exception:  # an unhealthy engine still lets the request metrics be scraped
+            stats = []
+        return self.metrics.render(stats)

@@ -1,0 +1,416 @@
+"""POST /v1/chat/completions: messages -> chat template -> engine -> reasoning, content and
+tool calls, whole or streamed as server-sent events.
+
+Tool choice: "none" leaves tools out of the prompt and never parses calls; "auto" renders
+them and parses whatever the model emits; "required" and a named function force the call by
+prefilling the assistant turn (`</think>` then `<tool_call>` and, for a named function, its
+name), so the model can only continue with a call. Errors raised before the first token are
+HTTP errors; later ones end the stream with an error event.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.serving.engine_client import EngineClient
+from ernie_cluster.serving.errors import BadRequestError, OpenAIError
+from ernie_cluster.serving.logprobs import chat_logprobs
+from ernie_cluster.serving.metrics import ServingMetrics
+from ernie_cluster.serving.parsers import ErnieX1Parser, make_parser
+from ernie_cluster.serving.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    DeltaOut,
+    FunctionCallDelta,
+    FunctionCallOut,
+    NamedToolChoice,
+    ToolCallDeltaOut,
+    ToolCallOut,
+    Usage,
+    random_id,
+)
+from ernie_cluster.serving.request_params import resolve_max_tokens, to_sampling_params
+from ernie_cluster.serving.settings import ServingSettings
+from ernie_cluster.serving.sse import DONE, peeked, sse
+
+logger = logging.getLogger(__name__)
+
+FORCED_CALL_PREFIX = "\n</think>\n\n\n<tool_call>\n"
+
+
+@dataclass
+class ChatPlan:
+    """A validated chat request, ready for the engine."""
+
+    prompt_token_ids: list[int]
+    forced_prefix: str
+    parse_tools: bool
+    use_parser: bool
+    top_logprobs: int
+    params: object
+    num_choices: int
+    include_reasoning: bool
+
+
+@dataclass
+class ChoiceState:
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    parser: ErnieX1Parser | None = None
+
+
+def template_messages(request: ChatCompletionRequest) -> list[dict]:
+    """Pydantic messages -> the plain dicts chat templates expect."""
+    messages = []
+    for message in request.messages:
+        item: dict = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": message.text() or "",
+        }
+        if message.tool_calls:
+            item["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": "function",
+                    "function": {"name": call.function.name, "arguments": call.function.arguments},
+                }
+                for call in message.tool_calls
+            ]
+        if message.tool_call_id:
+            item["tool_call_id"] = message.tool_call_id
+        if message.name:
+            item["name"] = message.name
+        if message.reasoning_content:
+            item["thoughts"] = message.reasoning_content
+        messages.append(item)
+    return messages
+
+
+class ChatHandler:
+    def __init__(
+        self, client: EngineClient, settings: ServingSettings, metrics: ServingMetrics
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+
+    # ------------------------------------------------------------------------ planning
+    def plan(self, request: ChatCompletionRequest) -> ChatPlan:
+        tokenizer = self.settings.tokenizer
+        if tokenizer is None or tokenizer.chat_template is None:
+            raise BadRequestError("this model has no chat template: use /v1/completions")
+        tools = request.tools or []
+        tool_names = [tool.function.name for tool in tools]
+        choice = request.tool_choice or ("auto" if tools else "none")
+        forced_prefix = ""
+        if isinstance(choice, NamedToolChoice):
+            if choice.function.name not in tool_names:
+                raise BadRequestError(
+                    f"tool_choice names the function {choice.function.name!r}, which is not "
+                    f"among the request's tools {tool_names}",
+                    param="tool_choice",
+                )
+            forced_prefix = (
+                FORCED_CALL_PREFIX + f'{{"name": "{choice.function.name}", "arguments": '
+            )
+        elif choice == "required":
+            if not tools:
+                raise BadRequestError("tool_choice 'required' needs tools", param="tool_choice")
+            forced_prefix = FORCED_CALL_PREFIX + '{"name": "'
+        parse_tools = choice != "none" and self.settings.tool_call_parser is not None
+        if forced_prefix and self.settings.tool_call_parser is None:
+            raise BadRequestError(
+                "tool_choice 'required' or a named function needs the server started with "
+                "--tool-call-parser",
+                param="tool_choice",
+            )
+        if request.top_logprobs is not None and not request.logprobs:
+            raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        try:
+            prompt = tokenizer.apply_chat_template(
+                template_messages(request),
+                tools=[t.model_dump(exclude_none=True) for t in tools]
+                if choice != "none"
+                else None,
+                add_generation_prompt=request.add_generation_prompt,
+                **(request.chat_template_kwargs or {}),
+            )
+        except (ValueError, TypeError) as exc:
+            raise BadRequestError(
+                f"cannot render the chat template: {exc}", param="messages"
+            ) from exc
+        prompt_ids = tokenizer.encode(prompt + forced_prefix)
+        max_tokens = resolve_max_tokens(
+            request.max_completion_tokens or request.max_tokens,
+            len(prompt_ids),
+            self.settings.max_model_len,
+        )
+        use_parser = self.settings.reasoning_parser is not None or parse_tools
+        top_logprobs = request.top_logprobs or 0
+        params = to_sampling_params(
+            request,
+            self.settings,
+            max_tokens,
+            logprobs=top_logprobs if request.logprobs else None,
+            skip_special_tokens=False if use_parser else request.skip_special_tokens,
+        )
+        return ChatPlan(
+            prompt_ids,
+            forced_prefix,
+            parse_tools,
+            use_parser,
+            top_logprobs,
+            params,
+            request.n,
+            request.include_reasoning,
+        )
+
+    def _parser(self, plan: ChatPlan) -> ErnieX1Parser | None:
+        if not plan.use_parser:
+            return None
+        parser = make_parser(
+            self.settings.reasoning_parser,
+            self.settings.tool_call_parser,
+            tools_enabled=plan.parse_tools,
+        )
+        if parser is not None and plan.forced_prefix:
+            parser.feed(plan.forced_prefix)  # held inside the parser until the call closes
+        return parser
+
+    # ------------------------------------------------------------------------ running
+    async def create(
+        self, request: ChatCompletionRequest, session_key: str
+    ) -> tuple[ChatCompletionResponse | AsyncIterator[str], str | None]:
+        """The response (or its SSE stream) and the replica serving it."""
+        plan = self.plan(request)
+        request_id = random_id("chatcmpl")
+        tracker = self.metrics.track(request_id, len(plan.prompt_token_ids))
+        try:
+            outputs = await peeked(
+                self.client.generate(
+                    plan.prompt_token_ids,
+                    plan.params,
+                    request_id,
+                    priority=request.priority,
+                    session_key=session_key,
+                )
+            )
+        except BaseException as exc:
+            tracker.finish(exc)
+            raise
+        replica = getattr(outputs, "served_by", None)
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            stream = self._stream(request, plan, request_id, outputs, tracker, include_usage)
+            return stream, replica
+        try:
+            response = await self._collect(request, plan, request_id, outputs, tracker)
+        except BaseException as exc:
+            tracker.finish(exc)
+            raise
+        tracker.finish(None)
+        return response, replica
+
+    async def _collect(
+        self,
+        request,
+        plan: ChatPlan,
+        request_id: str,
+        outputs: AsyncIterator[RequestOutput],
+        tracker,
+    ) -> ChatCompletionResponse:
+        choices = [ChoiceState() for _ in range(plan.num_choices)]
+        cached = 0
+        async for output in outputs:
+            tracker.on_output(output)
+            cached = output.num_cached_tokens
+            for sample in output.outputs:
+                state = choices[sample.index]
+                state.text += sample.text
+                state.token_ids += sample.token_ids
+                state.logprobs += sample.logprobs or []
+                if sample.finish_reason is not None:
+                    state.finish_reason, state.stop_reason = (
+                        sample.finish_reason,
+                        sample.stop_reason,
+                    )
+        result = []
+        for index, state in enumerate(choices):
+            message = AssistantMessage(content=state.text)
+            finish = state.finish_reason
+            parser = self._parser(plan)
+            if parser is not None:
+                parsed = parser.parse(plan.forced_prefix + state.text)
+                message = AssistantMessage(
+                    content=parsed.content,
+                    reasoning_content=parsed.reasoning_content if plan.include_reasoning else None,
+                    tool_calls=[
+                        ToolCallOut(
+                            id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)
+                        )
+                        for c in parsed.tool_calls
+                    ],
+                )
+                if parsed.tool_calls and finish == "stop":
+                    finish = "tool_calls"
+            logprobs = None
+            if request.logprobs:
+                logprobs = chat_logprobs(
+                    self.settings.tokenizer, state.token_ids, state.logprobs, plan.top_logprobs
+                )
+            result.append(
+                ChatChoice(
+                    index=index,
+                    message=message,
+                    logprobs=logprobs,
+                    finish_reason=finish,
+                    stop_reason=state.stop_reason,
+                )
+            )
+        completion_tokens = sum(len(c.token_ids) for c in choices)
+        return ChatCompletionResponse(
+            id=request_id,
+            model=request.model,
+            choices=result,
+            usage=usage(len(plan.prompt_token_ids), completion_tokens, cached),
+        )
+
+    async def _stream(
+        self,
+        request,
+        plan: ChatPlan,
+        request_id: str,
+        outputs: AsyncIterator[RequestOutput],
+        tracker,
+        include_usage: bool,
+    ) -> AsyncIterator[str]:
+        created = int(time.time())
+        choices = [ChoiceState(parser=self._parser(plan)) for _ in range(plan.num_choices)]
+        cached = 0
+        error: BaseException | None = None
+
+        def chunk(choice_list, usage_value=None) -> str:
+            return sse(
+                ChatCompletionChunk(
+                    id=request_id,
+                    created=created,
+                    model=request.model,
+                    choices=choice_list,
+                    usage=usage_value,
+                )
+            )
+
+        try:
+            for index in range(plan.num_choices):
+                yield chunk(
+                    [ChatChunkChoice(index=index, delta=DeltaOut(role="assistant", content=""))]
+                )
+            async for output in outputs:
+                tracker.on_output(output)
+                cached = output.num_cached_tokens
+                for sample in output.outputs:
+                    state = choices[sample.index]
+                    state.token_ids += sample.token_ids
+                    delta = self._delta(state, sample.text, plan)
+                    finish = None
+                    if sample.finish_reason is not None:
+                        if state.parser is not None:
+                            merge(delta, self._delta_from(state.parser.finish(), plan))
+                            if state.parser.has_tool_calls and sample.finish_reason == "stop":
+                                finish = "tool_calls"
+                        finish = finish or sample.finish_reason
+                    logprobs = None
+                    if request.logprobs and sample.logprobs:
+                        logprobs = chat_logprobs(
+                            self.settings.tokenizer,
+                            sample.token_ids,
+                            sample.logprobs,
+                            plan.top_logprobs,
+                        )
+                    if is_empty(delta) and finish is None and logprobs is None:
+                        continue
+                    yield chunk(
+                        [
+                            ChatChunkChoice(
+                                index=sample.index,
+                                delta=delta,
+                                logprobs=logprobs,
+                                finish_reason=finish,
+                            )
+                        ]
+                    )
+            if include_usage:
+                completion_tokens = sum(len(c.token_ids) for c in choices)
+                yield chunk([], usage(len(plan.prompt_token_ids), completion_tokens, cached))
+            yield DONE
+        except OpenAIError as exc:
+            error = exc
+            yield sse(exc.body())
+            yield DONE
+        except Exception as exc:  # the stream has started: report in-band, never a bare 500
+            error = exc
+            logger.exception("chat stream %s failed", request_id)
+            yield sse(OpenAIError(f"generation failed: {exc}").body())
+            yield DONE
+        except BaseException as exc:  # client went away (cancellation)
+            error = exc
+            raise
+        finally:
+            await outputs.aclose()
+            tracker.finish(error)
+
+    def _delta(self, state: ChoiceState, text: str, plan: ChatPlan) -> DeltaOut:
+        if state.parser is None:
+            return DeltaOut(content=text or None)
+        return self._delta_from(state.parser.feed(text), plan)
+
+    def _delta_from(self, parsed, plan: ChatPlan) -> DeltaOut:
+        calls = [
+            ToolCallDeltaOut(
+                index=c.index,
+                id=c.id,
+                type="function" if c.id else None,
+                function=FunctionCallDelta(name=c.name, arguments=c.arguments),
+            )
+            for c in parsed.tool_calls
+        ]
+        return DeltaOut(
+            content=parsed.content or None,
+            reasoning_content=(parsed.reasoning_content or None)
+            if plan.include_reasoning
+            else None,
+            tool_calls=calls or None,
+        )
+
+
+def merge(into: DeltaOut, other: DeltaOut) -> None:
+    if other.content:
+        into.content = (into.content or "") + other.content
+    if other.reasoning_content:
+        into.reasoning_content = (into.reasoning_content or "") + other.reasoning_content
+    if other.tool_calls:
+        into.tool_calls = (into.tool_calls or []) + other.tool_calls
+
+
+def is_empty(delta: DeltaOut) -> bool:
+    return not (delta.content or delta.reasoning_content or delta.tool_calls or delta.role)
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details={"cached_tokens": cached},
+    )

@@ -1,0 +1,278 @@
+"""POST /v1/completions: text or token-id prompts (one or a batch) -> engine -> choices,
+whole or streamed. A batch of prompts runs as concurrent engine requests whose streams are
+merged; choice i*n+j is sample j of prompt i."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.serving.engine_client import EngineClient
+from ernie_cluster.serving.errors import BadRequestError, OpenAIError
+from ernie_cluster.serving.logprobs import completion_logprobs
+from ernie_cluster.serving.metrics import ServingMetrics
+from ernie_cluster.serving.protocol import (
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    Usage,
+    random_id,
+)
+from ernie_cluster.serving.request_params import resolve_max_tokens, to_sampling_params
+from ernie_cluster.serving.settings import ServingSettings
+from ernie_cluster.serving.sse import DONE, peeked, sse
+
+logger = logging.getLogger(__name__)
+
+
+class CompletionHandler:
+    def __init__(
+        self, client: EngineClient, settings: ServingSettings, metrics: ServingMetrics
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+
+    def prompts(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+        raw = request.prompt
+        if isinstance(raw, str):
+            items: list = [raw]
+        elif raw and all(isinstance(x, int) for x in raw):
+            items = [raw]
+        else:
+            items = list(raw)
+        if not items:
+            raise BadRequestError("prompt must not be empty", param="prompt")
+        tokenizer = self.settings.tokenizer
+        result = []
+        for item in items:
+            if isinstance(item, str):
+                if tokenizer is None:
+                    raise BadRequestError(
+                        "this model has no tokenizer: send token ids", param="prompt"
+                    )
+                ids = tokenizer.encode(item)
+                result.append((item, ids))
+            else:
+                bad = [t for t in item if not 0 <= t < self.settings.vocab_size]
+                if bad:
+                    raise BadRequestError(
+                        f"token id {bad[0]} is outside the vocabulary [0, "
+                        f"{self.settings.vocab_size})",
+                        param="prompt",
+                    )
+                text = tokenizer.decode(item, skip_special_tokens=False) if tokenizer else None
+                result.append((text, list(item)))
+            if not result[-1][1]:
+                raise BadRequestError("prompt must contain at least one token", param="prompt")
+        return result
+
+    async def create(
+        self, request: CompletionRequest, session_key: str
+    ) -> tuple[CompletionResponse | AsyncIterator[str], str | None]:
+        """The response (or its SSE stream) and the replica serving the first prompt."""
+        if request.suffix:
+            raise BadRequestError("suffix is not supported", param="suffix")
+        if request.echo and request.logprobs is not None:
+            raise BadRequestError(
+                "echo with logprobs needs prompt logprobs, which this server does not compute",
+                param="echo",
+            )
+        prompts = self.prompts(request)
+        base_id = random_id("cmpl")
+        trackers, streams = [], []
+        try:
+            for i, (_, ids) in enumerate(prompts):
+                max_tokens = resolve_max_tokens(
+                    request.max_tokens, len(ids), self.settings.max_model_len
+                )
+                params = to_sampling_params(
+                    request,
+                    self.settings,
+                    max_tokens,
+                    logprobs=request.logprobs,
+                    skip_special_tokens=request.skip_special_tokens,
+                )
+                tracker = self.metrics.track(f"{base_id}-{i}", len(ids))
+                trackers.append(tracker)
+                streams.append(
+                    await peeked(
+                        self.client.generate(
+                            ids,
+                            params,
+                            f"{base_id}-{i}",
+                            priority=request.priority,
+                            session_key=session_key,
+                        )
+                    )
+                )
+        except BaseException as exc:
+            for stream in streams:
+                await stream.aclose()
+            for tracker in trackers:
+                tracker.finish(exc)
+            raise
+        replica = getattr(streams[0], "served_by", None)
+        if request.stream:
+            return self._stream(request, base_id, prompts, streams, trackers), replica
+        try:
+            response = await self._collect(request, base_id, prompts, streams, trackers)
+        except BaseException as exc:
+            for tracker in trackers:
+                tracker.finish(exc)
+            raise
+        for tracker in trackers:
+            tracker.finish(None)
+        return response, replica
+
+    def _choice_text(self, request, prompt_text: str | None, text: str, first: bool) -> str:
+        return (prompt_text or "") + text if request.echo and first else text
+
+    async def _collect(self, request, base_id, prompts, streams, trackers) -> CompletionResponse:
+        n = request.n
+        results = await asyncio.gather(
+            *(drain(s, t) for s, t in zip(streams, trackers, strict=True))
+        )
+        choices, prompt_tokens, completion_tokens = [], 0, 0
+        for i, ((prompt_text, ids), samples) in enumerate(zip(prompts, results, strict=True)):
+            prompt_tokens += len(ids)
+            for j in range(n):
+                text, tokens, entries, finish, stop_reason = samples[j]
+                completion_tokens += len(tokens)
+                logprobs = None
+                if request.logprobs is not None:
+                    logprobs = completion_logprobs(
+                        self.settings.tokenizer, tokens, entries, request.logprobs
+                    )
+                choices.append(
+                    CompletionChoice(
+                        index=i * n + j,
+                        text=self._choice_text(request, prompt_text, text, True),
+                        logprobs=logprobs,
+                        finish_reason=finish,
+                        stop_reason=stop_reason,
+                    )
+                )
+        return CompletionResponse(
+            id=base_id,
+            model=request.model,
+            choices=choices,
+            usage=Usage(
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
+            ),
+        )
+
+    async def _stream(self, request, base_id, prompts, streams, trackers) -> AsyncIterator[str]:
+        created = int(time.time())
+        n = request.n
+        queue: asyncio.Queue = asyncio.Queue()
+        echoed: set[int] = set()
+        completion_tokens = 0
+        error: BaseException | None = None
+
+        async def pump(i: int, stream) -> None:
+            try:
+                async for output in stream:
+                    trackers[i].on_output(output)
+                    await queue.put((i, output))
+            except BaseException as exc:
+                await queue.put((i, exc))
+            finally:
+                await queue.put((i, None))
+
+        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, BaseException):
+                    raise item
+                for sample in item.outputs:
+                    index = i * n + sample.index
+                    text = sample.text
+                    if request.echo and index not in echoed:
+                        echoed.add(index)
+                        text = (prompts[i][0] or "") + text
+                    completion_tokens += len(sample.token_ids)
+                    logprobs = None
+                    if request.logprobs is not None and sample.logprobs:
+                        logprobs = completion_logprobs(
+                            self.settings.tokenizer,
+                            sample.token_ids,
+                            sample.logprobs,
+                            request.logprobs,
+                        )
+                    yield sse(
+                        CompletionResponse(
+                            id=base_id,
+                            created=created,
+                            model=request.model,
+                            choices=[
+                                CompletionChoice(
+                                    index=index,
+                                    text=text,
+                                    logprobs=logprobs,
+                                    finish_reason=sample.finish_reason,
+                                    stop_reason=sample.stop_reason,
+                                )
+                            ],
+                        )
+                    )
+            if request.stream_options and request.stream_options.include_usage:
+                prompt_tokens = sum(len(ids) for _, ids in prompts)
+                yield sse(
+                    CompletionResponse(
+                        id=base_id,
+                        created=created,
+                        model=request.model,
+                        choices=[],
+                        usage=Usage(
+                            prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens,
+                            total_tokens=prompt_tokens + completion_tokens,
+                        ),
+                    )
+                )
+            yield DONE
+        except OpenAIError as exc:
+            error = exc
+            yield sse(exc.body())
+            yield DONE
+        except Exception as exc:
+            error = exc
+            logger.exception("completion stream %s failed", base_id)
+            yield sse(OpenAIError(f"generation failed: {exc}").body())
+            yield DONE
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            for task in tasks:
+                task.cancel()
+            for stream in streams:
+                await stream.aclose()
+            for tracker in trackers:
+                tracker.finish(error)
+
+
+async def drain(stream: AsyncIterator[RequestOutput], tracker) -> list[tuple]:
+    """All samples of one engine request: (text, token ids, logprobs, finish, stop reason)."""
+    samples: dict[int, list] = {}
+    async for output in stream:
+        tracker.on_output(output)
+        for sample in output.outputs:
+            state = samples.setdefault(sample.index, ["", [], [], None, None])
+            state[0] += sample.text
+            state[1] += sample.token_ids
+            state[2] += sample.logprobs or []
+            if sample.finish_reason is not None:
+                state[3], state[4] = sample.finish_reason, sample.stop_reason
+    return [tuple(samples[k]) for k in sorted(samples)]

@@ -1,0 +1,92 @@
+"""What the HTTP layer needs from a model instance, and the in-process implementation.
+
+`EngineClient` is the seam between serving and the engine: the Ray Serve deployment
+implements it over a DeploymentHandle, tests implement it with scripted engines, and
+`LocalEngineClient` runs an AsyncLLMEngine in the same process. Clients take token ids
+(tokenization happens in the HTTP layer) and stream RequestOutput deltas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any, Protocol
+
+from ernie_cluster.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.serving.errors import EngineUnavailableError, OverloadedError
+
+
+class EngineClient(Protocol):
+    def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        session_key: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream deltas; raises OverloadedError / EngineUnavailableError / ValueError."""
+        ...
+
+    async def check_health(self) -> None:
+        """Raises EngineUnavailableError unless the engine is stepping."""
+        ...
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        """One dict of engine gauges per model replica this client can see."""
+        ...
+
+
+def engine_stats_dict(engine: AsyncLLMEngine, replica: str = "local") -> dict[str, Any]:
+    stats = engine.get_stats()
+    values = {k: v for k, v in asdict(stats).items() if k != "expert_tokens_per_layer"}
+    values["expert_load_imbalance"] = stats.expert_load_imbalance
+    values["kv_cache_usage"] = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
+    values["replica"] = replica
+    return values
+
+
+class LocalEngineClient:
+    """An AsyncLLMEngine in this process, with a bound on waiting requests."""
+
+    def __init__(self, engine: AsyncLLMEngine, max_waiting_requests: int | None = None) -> None:
+        self.engine = engine
+        self.max_waiting_requests = max_waiting_requests
+
+    def check_admission(self) -> None:
+        if self.max_waiting_requests is None:
+            return
+        waiting = len(self.engine.engine.scheduler.waiting)
+        if waiting >= self.max_waiting_requests:
+            raise OverloadedError(
+                f"the server is at capacity: {waiting} requests waiting "
+                f"(--max-waiting-requests {self.max_waiting_requests}); retry shortly"
+            )
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        session_key: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        self.check_admission()
+        try:
+            async for output in self.engine.generate(
+                prompt_token_ids, params, request_id, priority=priority
+            ):
+                yield output
+        except EngineDeadError as exc:
+            raise EngineUnavailableError(str(exc)) from exc
+
+    async def check_health(self) -> None:
+        try:
+            self.engine.check_health()
+        except Exception as exc:
+            raise EngineUnavailableError(f"engine unhealthy: {exc}") from exc
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        return [engine_stats_dict(self.engine)]

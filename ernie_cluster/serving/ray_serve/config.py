@@ -1,0 +1,105 @@
+"""ServeAppConfig: the one configuration model of a deployment (CLI flags, `serve run`
+YAML args and the Helm chart's serveConfigV2 all load through it)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
+from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES
+
+
+class AutoscalingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 allows scale to zero)")
+    max_replicas: int = Field(1, ge=1, description="Most model replicas")
+    target_ongoing_requests: float = Field(
+        16.0, gt=0, description="Requests in flight per replica that autoscaling aims for"
+    )
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class ServeAppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str | None = Field(
+        None,
+        description="Checkpoint directory or Hugging Face repo id "
+        "(None: the built-in demo checkpoint)",
+    )
+    revision: str | None = Field(None, description="Hub revision")
+    served_model_name: list[str] | None = Field(None, description="Names clients use as `model`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: str = Field("cpu", description="'cuda' on GPU nodes")
+    tensor_parallel_size: int = Field(1, ge=1)
+    expert_parallel_size: int | None = Field(
+        None, ge=1, description="Default: tensor_parallel_size"
+    )
+    max_model_len: int | None = Field(None, ge=1)
+    max_num_seqs: int = Field(32, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=1)
+    block_size: int = Field(16, ge=1)
+    num_kv_blocks: int | None = Field(None, ge=1)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1)
+    enable_prefix_caching: bool = True
+    reasoning_parser: str | None = None
+    tool_call_parser: str | None = None
+    api_key: str | None = Field(None, description="Bearer token required on /v1 routes")
+    max_waiting_requests: int | None = Field(
+        None, ge=1, description="Reject with 503 + Retry-After when this many requests wait"
+    )
+    max_request_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    num_replicas: int | None = Field(
+        None, ge=1, description="Fixed replica count (exclusive with autoscaling)"
+    )
+    autoscaling: AutoscalingConfig | None = None
+    ingress_replicas: int = Field(1, ge=1)
+    placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
+    cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per shard worker (CPU mode)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ServeAppConfig:
+        if self.num_replicas is not None and self.autoscaling is not None:
+            raise ValueError("set either num_replicas or autoscaling, not both")
+        ep = self.expert_parallel_size or self.tensor_parallel_size
+        if ep != self.tensor_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size ({ep}) must equal tensor_parallel_size "
+                f"({self.tensor_parallel_size}) for now"
+            )
+        for name, value, valid in (
+            ("reasoning_parser", self.reasoning_parser, REASONING_PARSERS),
+            ("tool_call_parser", self.tool_call_parser, TOOL_PARSERS),
+        ):
+            if value is not None and value not in valid:
+                raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(valid)}")
+        return self
+
+    def engine_config(self, model_path: str) -> EngineConfig:
+        return EngineConfig(
+            model=model_path,
+            revision=self.revision,
+            dtype=self.dtype,
+            device=self.device,
+            tensor_parallel_size=self.tensor_parallel_size,
+            expert_parallel_size=self.expert_parallel_size or self.tensor_parallel_size,
+            max_model_len=self.max_model_len,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens,
+            block_size=self.block_size,
+            num_kv_blocks=self.num_kv_blocks,
+            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
+            enable_prefix_caching=self.enable_prefix_caching,
+            show_progress=False,
+        )

@@ -1,0 +1,225 @@
+"""The Ray Serve deployments: LLMServer (one replica = one model instance with its W shard
+workers) and OpenAIIngress (the FastAPI app), plus the handle-based EngineClient between them.
+
+Errors cross the handle as plain data (`RemoteError`) rather than pickled exceptions, so the
+ingress re-raises exactly the OpenAI error the replica meant. Each replica publishes its
+engine gauges to a small named actor that /metrics reads, since a handle cannot address
+every replica.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray import serve
+
+from ernie_cluster.engine.async_engine import AsyncLLMEngine
+from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.serving import errors
+from ernie_cluster.serving.api import OpenAIServing
+from ernie_cluster.serving.engine_client import LocalEngineClient, engine_stats_dict
+from ernie_cluster.serving.http_app import build_http_app
+from ernie_cluster.serving.settings import ServingSettings, generation_defaults
+
+logger = logging.getLogger(__name__)
+
+STATS_PERIOD_S = 2.0
+STATS_STALE_S = 15.0
+
+
+@dataclass
+class RemoteError:
+    """An error raised in a model replica, carried back to the ingress as data."""
+
+    kind: str  # an errors.OpenAIError subclass name, or "ValueError"
+    message: str
+    param: str | None = None
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> RemoteError:
+        if isinstance(exc, errors.OpenAIError):
+            return cls(type(exc).__name__, exc.message, exc.param)
+        return cls("ValueError", str(exc))
+
+    def to_exception(self) -> Exception:
+        if self.kind == "OverloadedError":
+            return errors.OverloadedError(self.message)
+        if self.kind == "EngineUnavailableError":
+            return errors.EngineUnavailableError(self.message)
+        if self.kind == "ValueError":
+            return errors.BadRequestError(self.message)
+        error_cls = getattr(errors, self.kind, errors.OpenAIError)
+        return error_cls(self.message, param=self.param)
+
+
+@ray.remote(num_cpus=0)
+class StatsBoard:
+    """Latest engine gauges of each model replica (replicas push, the ingress reads)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[float, dict]] = {}
+
+    def update(self, replica: str, stats: dict) -> None:
+        self.entries[replica] = (time.time(), stats)
+
+    def read(self) -> list[dict]:
+        now = time.time()
+        self.entries = {k: v for k, v in self.entries.items() if now - v[0] < STATS_STALE_S}
+        return [stats for _, stats in self.entries.values()]
+
+
+def stats_board(name: str):
+    return StatsBoard.options(
+        name=name, get_if_exists=True, lifetime="detached", namespace="ernie-cluster"
+    ).remote()
+
+
+class LLMServer:
+    """One model instance: AsyncLLMEngine plus its executor (Ray actors when W > 1)."""
+
+    async def __init__(
+        self,
+        engine_config,
+        max_waiting_requests: int | None,
+        board_name: str,
+        placement_strategy: str = "STRICT_PACK",
+        cpus_per_worker: int = 1,
+    ) -> None:
+        from ernie_cluster.engine.llm_engine import LLMEngine
+
+        def executor_factory(config, model_dir):
+            if config.world_size == 1:
+                from ernie_cluster.executor.local_executor import LocalExecutor
+
+                return LocalExecutor(config, model_dir)
+            from ernie_cluster.executor.ray_executor import RayExecutor
+
+            return RayExecutor(
+                config,
+                model_dir,
+                placement_strategy=placement_strategy,
+                cpus_per_worker=cpus_per_worker,
+            )
+
+        self.engine = AsyncLLMEngine(LLMEngine(engine_config, executor_factory))
+        self.client = LocalEngineClient(self.engine, max_waiting_requests)
+        try:
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # constructed outside Serve (tests)
+            self.replica = "local"
+        self.board = stats_board(board_name)
+        self._publisher = asyncio.get_running_loop().create_task(self._publish_stats())
+
+    async def _publish_stats(self) -> None:
+        while True:
+            try:
+                self.board.update.remote(self.replica, self.stats())
+            except Exception as exc:  # the board is best effort: never break serving
+                logger.debug("stats publish failed: %s", exc)
+            await asyncio.sleep(STATS_PERIOD_S)
+
+    def stats(self) -> dict[str, Any]:
+        return engine_stats_dict(self.engine, self.replica)
+
+    async def generate(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        session_key: str | None = None,
+    ) -> AsyncIterator[RequestOutput | RemoteError]:
+        try:
+            async for output in self.client.generate(
+                prompt_token_ids, params, request_id, priority
+            ):
+                output.served_by = self.replica
+                yield output
+        except (errors.OpenAIError, ValueError) as exc:
+            yield RemoteError.from_exception(exc)
+
+    async def check_health(self) -> None:
+        """Serve's health hook: a dead engine makes Serve replace this replica."""
+        await self.client.check_health()
+
+    async def health(self) -> RemoteError | None:
+        try:
+            await self.client.check_health()
+        except errors.OpenAIError as exc:
+            return RemoteError.from_exception(exc)
+        return None
+
+
+class ServeEngineClient:
+    """EngineClient over a DeploymentHandle to the LLMServer deployment."""
+
+    def __init__(self, handle, board_name: str) -> None:
+        self.handle = handle
+        self.board_name = board_name
+
+    async def generate(
+        self, prompt_token_ids, params, request_id, priority=0, session_key=None
+    ) -> AsyncIterator[RequestOutput]:
+        stream = self.handle.options(stream=True).generate.remote(
+            prompt_token_ids, params, request_id, priority=priority, session_key=session_key
+        )
+        try:
+            async for item in stream:
+                if isinstance(item, RemoteError):
+                    raise item.to_exception()
+                yield item
+        finally:
+            stream.cancel()  # a client that went away aborts the request in the replica
+
+    async def check_health(self) -> None:
+        try:
+            result = await self.handle.health.remote()
+        except Exception as exc:
+            raise errors.EngineUnavailableError(f"model replica unreachable: {exc}") from exc
+        if result is not None:
+            raise result.to_exception()
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        return await stats_board(self.board_name).read.remote()
+
+
+class OpenAIIngress:
+    """The HTTP entry: validation, chat template, tokenization, routing to model replicas."""
+
+    def __init__(self, llm_handle, app_config: dict, model: str, board_name: str) -> None:
+        from ernie_cluster.serving.ray_serve.config import ServeAppConfig
+
+        config = ServeAppConfig.model_validate(app_config)
+        settings = ingress_settings(config, model)
+        self.serving = OpenAIServing(ServeEngineClient(llm_handle, board_name), settings)
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.serving)
+
+
+def ingress_settings(config, model: str) -> ServingSettings:
+    """What the ingress needs of the checkpoint: tokenizer, template, limits (no weights)."""
+    from ernie_cluster.config.model_config import ErnieMoeConfig
+    from ernie_cluster.loader.checkpoint_files import resolve_model_path
+    from ernie_cluster.tokenizer import load_tokenizer
+
+    model_dir = resolve_model_path(model, config.revision, include_weights=False)
+    model_config = ErnieMoeConfig.from_pretrained(model_dir)
+    return ServingSettings(
+        served_model_names=config.served_model_name or [config.model or "ernie-demo"],
+        max_model_len=config.max_model_len or model_config.max_position_embeddings,
+        tokenizer=load_tokenizer(model_dir),
+        vocab_size=model_config.vocab_size,
+        reasoning_parser=config.reasoning_parser,
+        tool_call_parser=config.tool_call_parser,
+        api_key=config.api_key,
+        max_request_body_bytes=config.max_request_body_bytes,
+        default_sampling=generation_defaults(model_dir),
+    )

@@ -1,0 +1,103 @@
+"""ERNIE-4.5 output parser against a whole-text reference on random tag soup.
+
+The reference restates the format rules over the complete text (no buffering, no states), so
+it checks the streaming state machine's rules, not only that its chunking is consistent.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from test_parsers import (
+    WEATHER_CALL,
+    assert_stream_matches,
+    call,
+    parse,
+    random_chunks,
+)
+
+from ernie_cluster.serving.parsers import ParsedMessage, ToolCall
+from ernie_cluster.serving.parsers.tool_call import decode_tool_call
+
+PIECES = [
+    "<think>", "</think>", "<response>", "</response>", "<tool_call>", "</tool_call>",
+    "<thi", "</th", "<resp", "</respon", "<tool", "</tool_c", "<", ">",
+    "\n", "\n", "\n\n", " ", "  ", "\t",
+    "a", "Paris", "北京", "🌤️",
+    '{"name": "f", "arguments": {"x": 1}}', '{"name": "g", "arguments": "{\\"y\\": \\"是\\"}"}',
+    '{"name": "h"}', '{"arguments": {}}', '{"name": "f", "arguments": {"x": ', "{", "}",
+    # Whole blocks, so that well-formed calls and responses are common too.
+    "\n</think>\n\n", "\n</think>\n\n\n", WEATHER_CALL, WEATHER_CALL.strip(),
+    '<tool_call>{"name": "k", "arguments": "{}"}</tool_call>', "<response>\nok\n</response>\n",
+]  # fmt: skip
+
+
+def reference(text: str, reasoning: bool, tools: bool) -> ParsedMessage:
+    """The format rules applied to the whole text at once."""
+    thought = None
+    if reasoning:
+        if text.lstrip().startswith("<think>"):
+            text = text.lstrip()[len("<think>") :].lstrip("\n")
+        end = text.find("</think>")
+        if end < 0:
+            return ParsedMessage(reasoning_content=text or None, content=None, tool_calls=[])
+        thought = text[:end].removesuffix("\n") or None
+        text = text[end + len("</think>") :]
+
+    # Content as (character, is_verbatim) pairs: only loose text loses edge whitespace.
+    chars: list[tuple[str, bool]] = []
+    calls: list[ToolCall] = []
+    opens = ["<response>", "<tool_call>"] if tools else ["<response>"]
+    pos = 0
+    while True:
+        hits = [(text.find(tag, pos), tag) for tag in opens if text.find(tag, pos) >= 0]
+        if not hits:
+            chars += [(c, False) for c in text[pos:]]
+            break
+        start, tag = min(hits)
+        chars += [(c, False) for c in text[pos:start]]
+        close = "</response>" if tag == "<response>" else "</tool_call>"
+        body_start = start + len(tag)
+        end = text.find(close, body_start)
+        body = text[body_start:] if end < 0 else text[body_start:end]
+        pos = len(text) if end < 0 else end + len(close)
+        if tag == "<response>":
+            body = body.removeprefix("\n")
+            if end >= 0:
+                body = body.removesuffix("\n")
+            chars += [(c, True) for c in body]
+            continue
+        decoded = None if end < 0 else decode_tool_call(body)
+        if decoded is None:
+            chars += [(c, False) for c in text[start:pos]]
+        else:
+            calls.append(call(len(calls), *decoded))
+    while chars and not chars[0][1] and chars[0][0].isspace():
+        chars.pop(0)
+    while chars and not chars[-1][1] and chars[-1][0].isspace():
+        chars.pop()
+    content = "".join(c for c, _ in chars)
+    return ParsedMessage(reasoning_content=thought, content=content or None, tool_calls=calls)
+
+
+def tag_soup(rng: random.Random) -> str:
+    lead = rng.choice(["", "", "<think>\n", "  <think>", "\n"])
+    return lead + "".join(rng.choice(PIECES) for _ in range(rng.randint(0, 24)))
+
+
+@pytest.mark.parametrize("reasoning", [True, False])
+@pytest.mark.parametrize("tools", [True, False])
+def test_random_outputs_match_reference_whole_and_streamed(reasoning: bool, tools: bool) -> None:
+    rng = random.Random(f"{reasoning}-{tools}")
+    for _ in range(400):
+        text = tag_soup(rng)
+        expected = reference(text, reasoning, tools)
+        assert parse(text, reasoning=reasoning, tools=tools) == expected, text
+        splits = [random_chunks(text, rng, n) for n in (1, 2, 4, 9)]
+        assert_stream_matches(text, expected, splits, reasoning=reasoning, tools=tools)
+
+
+def test_reference_agrees_on_the_recorded_format() -> None:
+    text = f"Think.\n</think>\n\n\n{WEATHER_CALL}"
+    assert reference(text, reasoning=True, tools=True) == parse(text)
