@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job on the built-in demo checkpoint: sets up .venv, then generates offline.
+# The main job on the built-in demo checkpoint: sets up .venv, then starts the OpenAI-compatible
+# server (Ray Serve) on http://127.0.0.1:8000/v1. Extra flags go to `ernie-cluster serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
-exec .venv/bin/ernie-cluster generate --chat --prompt "Hello, ERNIE!" --max-tokens 32 --temperature 0.8 --seed 0 "$@"
+exec .venv/bin/ernie-cluster serve --port "${PORT:-8000}" \
+  --reasoning-parser ernie_x1 --tool-call-parser ernie_x1 "$@"

@@ -156,12 +156,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = serve_config_from_args(args)
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        **({} if address else {"num_cpus": args.num_cpus}),
-    )
+    local = {} if address else {"num_cpus": args.num_cpus}
+    if not address and args.host in ("127.0.0.1", "localhost"):
+        local["_node_ip_address"] = "127.0.0.1"  # a loopback server keeps its Ray on loopback
+    ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app(config), name="ernie", route_prefix="/", blocking=False)
     print(

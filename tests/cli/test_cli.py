@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from ernie_cluster.checkpoints.demo import DEMO_NAME
 
 
@@ -44,3 +46,67 @@ def test_make_tiny_and_bad_flags(tmp_path):
     assert (tmp_path / "ck" / "model.safetensors.index.json").is_file()
     bad = run_cli("generate", "--model", str(tmp_path / "ck"), "--max-model-len", "0")
     assert bad.returncode == 2 and "max_model_len must be >= 1" in bad.stderr
+
+
+@pytest.mark.slow
+def test_serve_command_answers_then_stops(tmp_path):
+    """`ernie-cluster serve` (the README's first command) on the demo checkpoint."""
+    import signal
+    import time
+
+    import httpx
+
+    from ernie_cluster.distributed.process_group import free_port
+
+    port = free_port()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path)}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ernie_cluster.cli.main",
+            "serve",
+            "--port",
+            str(port),
+            "--num-cpus",
+            "4",
+            "--reasoning-parser",
+            "ernie_x1",
+            "--dtype",
+            "float32",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("server did not become healthy within 120 s")
+        response = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={
+                "model": "ernie-demo",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            },
+            timeout=60,
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"]["completion_tokens"] >= 1
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -126,6 +126,7 @@ class LLMServer:
             await asyncio.sleep(STATS_PERIOD_S)
 
     def stats(self) -> dict[str, Any]:
+        """This replica's engine gauges (also pushed to the stats board every 2 s)."""
         return engine_stats_dict(self.engine, self.replica)
 
     async def generate(

@@ -1,0 +1,165 @@
+"""The Ray Serve application end to end with the official openai client: the tiny checkpoint
+sharded over W = 2 workers, 127.0.0.1 only, a port picked at run time."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from ernie_cluster.distributed.process_group import free_port
+
+pytestmark = pytest.mark.slow
+
+APP = "ernie-test"
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, tiny_checkpoint):
+    from ray import serve
+
+    from ernie_cluster.serving.ray_serve.builder import build_app
+    from ernie_cluster.serving.ray_serve.config import ServeAppConfig
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = ServeAppConfig(
+        model=str(tiny_checkpoint),
+        served_model_name=["tiny"],
+        dtype="float32",
+        tensor_parallel_size=2,
+    )
+    serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.delete(APP)
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=60)
+
+
+def chat(client, **kwargs):
+    base = dict(
+        model="tiny",
+        messages=[{"role": "user", "content": "你好, tell me a story"}],
+        max_tokens=12,
+        seed=7,
+    )
+    return client.chat.completions.create(**{**base, **kwargs})
+
+
+def test_models(client):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+
+
+def test_chat_stream_equals_whole(client):
+    whole = chat(client)
+    chunks = list(chat(client, stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == whole.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish == [whole.choices[0].finish_reason]
+
+
+def test_usage_counts(client):
+
+    out = chat(client, max_tokens=9, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 9
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 9
+    assert out.usage.prompt_tokens > 10
+
+
+def test_seed_reproducible_and_n(client):
+    first, again = chat(client, temperature=1.0), chat(client, temperature=1.0)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    other = chat(client, temperature=1.0, seed=8)
+    assert other.choices[0].message.content != first.choices[0].message.content
+    two = chat(client, temperature=1.0, n=2)
+    assert [c.index for c in two.choices] == [0, 1]
+    assert two.choices[0].message.content != two.choices[1].message.content
+
+
+def test_stop_and_logprobs(client):
+    text = (
+        chat(client, temperature=1.0, max_tokens=20, extra_body={"ignore_eos": True})
+        .choices[0]
+        .message.content
+    )
+    stop = text[5:7]
+    cut = chat(
+        client, temperature=1.0, max_tokens=20, stop=[stop], extra_body={"ignore_eos": True}
+    ).choices[0]
+    assert cut.finish_reason == "stop" and cut.message.content == text[: text.find(stop)]
+    with_logprobs = chat(client, logprobs=True, top_logprobs=3).choices[0]
+    entries = with_logprobs.logprobs.content
+    assert entries and all(len(e.top_logprobs) == 3 and e.logprob <= 0 for e in entries)
+
+
+def test_completions(client):
+    out = client.completions.create(
+        model="tiny", prompt=["Hello", "World"], max_tokens=5, n=2, logprobs=2, seed=1
+    )
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert all(len(c.logprobs.tokens) == len(c.logprobs.top_logprobs) for c in out.choices)
+    ids = client.completions.create(model="tiny", prompt=[5, 6, 7, 8], max_tokens=3)
+    assert ids.usage.prompt_tokens == 4 and ids.usage.completion_tokens <= 3
+
+
+def test_health_and_metrics(server, client):
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+    chat(client)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        if "ernie_generation_tokens_total{" in text:
+            break
+        time.sleep(0.5)
+    for name in (
+        "ernie_requests_total",
+        "ernie_time_to_first_token_seconds",
+        "ernie_kv_cache_usage_ratio",
+        "ernie_expert_load_imbalance",
+    ):
+        assert name in text
+
+
+def test_dropped_streams_free_their_blocks(server):
+    from ray import serve
+
+    handle = serve.get_deployment_handle("LLMServer", app_name=APP)
+    body = {
+        "model": "tiny",
+        "prompt": [9] * 50,
+        "max_tokens": 2000,
+        "stream": True,
+        "ignore_eos": True,
+    }
+
+    async def open_and_drop() -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            streams = [http.stream("POST", f"{server}/v1/completions", json=body) for _ in range(8)]
+            responses = [await s.__aenter__() for s in streams]
+            for response in responses:
+                async for _ in response.aiter_lines():
+                    break
+            for stream in streams:
+                await stream.__aexit__(None, None, None)
+
+    asyncio.run(open_and_drop())
+    dropped_at = time.monotonic()
+    while True:
+        stats = handle.stats.remote().result()
+        if stats["kv_blocks_used"] == 0 and stats["num_running"] == 0:
+            break
+        assert time.monotonic() - dropped_at < 2.0, stats
+        time.sleep(0.05)
