@@ -23,6 +23,24 @@ from ernie_cluster.sampling_params import SamplingParams
 logger = logging.getLogger(__name__)
 
 
+def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
+    """One delta output equal to `first` followed by `second` (same request)."""
+    by_index = {sample.index: sample for sample in first.outputs}
+    for sample in second.outputs:
+        earlier = by_index.get(sample.index)
+        if earlier is None:
+            by_index[sample.index] = sample
+            continue
+        earlier.text += sample.text
+        earlier.token_ids = earlier.token_ids + sample.token_ids
+        if sample.logprobs is not None:
+            earlier.logprobs = (earlier.logprobs or []) + sample.logprobs
+        earlier.finish_reason = sample.finish_reason
+        earlier.stop_reason = sample.stop_reason
+    second.outputs = [by_index[i] for i in sorted(by_index)]
+    return second
+
+
 class EngineDeadError(RuntimeError):
     """The engine stopped stepping (a worker died or a step failed); rebuild it."""
 
@@ -87,6 +105,14 @@ class AsyncLLMEngine:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
                     raise item
+                # NOTE: a consumer that fell behind gets every pending delta as one item: under
+                # load each hop downstream (Serve streaming, SSE) then costs once per pull,
+                # not once per token.
+                while not item.finished and not stream.queue.empty():
+                    following = stream.queue.get_nowait()
+                    if isinstance(following, BaseException):
+                        raise following
+                    item = merge_deltas(item, following)
                 yield item
                 if item.finished:
                     stream.finished = True

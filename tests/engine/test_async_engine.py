@@ -94,3 +94,31 @@ def test_bad_request_raises_before_streaming(engine):
 
     asyncio.run(main())
     assert engine.is_healthy
+
+
+def test_slow_consumer_gets_merged_deltas(engine):
+    """A consumer that falls behind receives pending deltas merged, and nothing is lost."""
+
+    async def main():
+        params = SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True)
+        items, text, tokens = 0, "", []
+        async for out in engine.generate("slow consumer", params, "slow"):
+            items += 1
+            text += out.outputs[0].text if out.outputs else ""
+            tokens += out.outputs[0].token_ids if out.outputs else []
+            await asyncio.sleep(0.05)
+        return items, text, tokens
+
+    items, text, tokens = asyncio.run(main())
+    reference = engine.engine
+    reference.add_request(
+        "ref",
+        "slow consumer",
+        SamplingParams(temperature=1.0, seed=3, max_tokens=30, ignore_eos=True),
+    )
+    final = None
+    while reference.has_unfinished_requests():
+        for out in reference.step():
+            final = out
+    assert tokens == final.outputs[0].token_ids and text == final.outputs[0].text
+    assert items < 30
