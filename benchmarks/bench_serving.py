@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import tempfile
@@ -40,7 +41,7 @@ async def in_process(engine: AsyncLLMEngine, prompt: list[int], max_tokens: int,
     async for out in engine.generate(prompt, params, tag):
         if out.outputs and out.outputs[0].token_ids:
             stamps.append(time.perf_counter())
-    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 async def over_http(http: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int):
@@ -56,10 +57,9 @@ async def over_http(http: httpx.AsyncClient, url: str, prompt: list[int], max_to
     stamps = []
     async with http.stream("POST", f"{url}/v1/completions", json=body) as response:
         async for line in response.aiter_lines():
-            if line.startswith("data: {"):
-                if json.loads(line[6:])["choices"]:
-                    stamps.append(time.perf_counter())
-    return stamps[0] - start, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+            if line.startswith("data: {") and json.loads(line[6:])["choices"]:
+                stamps.append(time.perf_counter())
+    return stamps[0] - start, [b - a for a, b in itertools.pairwise(stamps)]
 
 
 async def run_level(make_call, concurrency: int, total: int):
