@@ -56,39 +56,50 @@ class AttentionMetadata:
                 f"query_lens ({len(query_lens)}), context_lens ({len(context_lens)}) and "
                 f"block_tables ({len(block_tables)}) must have one entry per sequence"
             )
-        slot_chunks: list[torch.Tensor] = []
-        prefills: list[PrefillSpan] = []
-        decode_rows: list[int] = []
-        decode_slots: list[torch.Tensor] = []
-        row = 0
+        num_seqs = len(query_lens)
         for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables, strict=True):
             if not 0 < q_len <= ctx_len or len(table) * block_size < ctx_len:
                 raise ValueError(
                     f"bad sequence: {q_len} new tokens, context {ctx_len}, "
                     f"{len(table)} blocks of {block_size}"
                 )
-            positions = torch.arange(ctx_len, dtype=torch.long)
-            blocks = torch.as_tensor(list(table), dtype=torch.long)
-            slots = blocks[positions // block_size] * block_size + positions % block_size
-            slot_chunks.append(slots[ctx_len - q_len :])
-            if q_len == 1:
-                decode_rows.append(row)
-                decode_slots.append(slots)
-            else:
-                mask = None
-                if q_len < ctx_len:
-                    query_pos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
-                    mask = (positions[None, :] <= query_pos).to(device)  # [q_len, ctx_len]
-                prefills.append(PrefillSpan(row, row + q_len, slots.to(device), mask))
-            row += q_len
+        # NOTE: vectorised over the batch: with hundreds of decodes a per-sequence loop of
+        # small tensor ops cost more than the scheduler.
+        max_blocks = max((len(t) for t in block_tables), default=0)
+        padded = torch.zeros(num_seqs, max_blocks, dtype=torch.long)  # [B, max_blocks]
+        for i, table in enumerate(block_tables):
+            padded[i, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+        q_lens = torch.as_tensor(query_lens, dtype=torch.long)
+        ctx_lens = torch.as_tensor(context_lens, dtype=torch.long)
+        starts = torch.cumsum(q_lens, 0) - q_lens  # [B] first row of each sequence
+        row = int(q_lens.sum())
+        seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [N]
+        positions = torch.arange(row) - starts[seq_of_row] + (ctx_lens - q_lens)[seq_of_row]
+        slot_mapping = padded[seq_of_row, positions // block_size] * block_size + (
+            positions % block_size
+        )  # [N]
 
-        max_ctx = max((s.numel() for s in decode_slots), default=0)
-        key_slots = torch.zeros(len(decode_slots), max_ctx, dtype=torch.long)
-        key_mask = torch.zeros(len(decode_slots), max_ctx, dtype=torch.bool)
-        for i, slots in enumerate(decode_slots):
-            key_slots[i, : slots.numel()] = slots
-            key_mask[i, : slots.numel()] = True
-        slot_mapping = torch.cat(slot_chunks) if slot_chunks else torch.zeros(0, dtype=torch.long)
+        is_decode = q_lens == 1
+        decode_seqs = is_decode.nonzero().squeeze(-1)
+        max_ctx = int(ctx_lens[decode_seqs].max()) if decode_seqs.numel() else 0
+        key_pos = torch.arange(max_ctx)  # [max_ctx]
+        key_mask = key_pos[None, :] < ctx_lens[decode_seqs, None]  # [Bd, max_ctx]
+        block_index = (key_pos // block_size).clamp(max=max(max_blocks - 1, 0))
+        key_slots = padded[decode_seqs][:, block_index] * block_size + key_pos % block_size
+        key_slots = key_slots.masked_fill(~key_mask, 0)  # [Bd, max_ctx]
+
+        prefills: list[PrefillSpan] = []
+        for i in (~is_decode).nonzero().squeeze(-1).tolist():
+            q_len, ctx_len = int(q_lens[i]), int(ctx_lens[i])
+            all_pos = torch.arange(ctx_len)
+            slots = padded[i, all_pos // block_size] * block_size + all_pos % block_size
+            mask = None
+            if q_len < ctx_len:
+                query_pos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
+                mask = (all_pos[None, :] <= query_pos).to(device)  # [q_len, ctx_len]
+            begin = int(starts[i])
+            prefills.append(PrefillSpan(begin, begin + q_len, slots.to(device), mask))
+        decode_rows = starts[decode_seqs]
         return cls(
             num_tokens=row,
             slot_mapping=slot_mapping.to(device),

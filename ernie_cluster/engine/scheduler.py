@@ -241,7 +241,10 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            self.kv_cache.cache_blocks(req_id, request.all_token_ids, request.num_computed_tokens)
+            if self.kv_cache.needs_caching(req_id, request.num_computed_tokens):
+                self.kv_cache.cache_blocks(
+                    req_id, request.all_token_ids, request.num_computed_tokens
+                )
             token = sampled.get(req_id)
             if token is not None:
                 request.output_token_ids.append(token)

@@ -46,10 +46,17 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
         self._req_blocks: dict[str, list[KVBlock]] = {}
+        self._req_block_ids: dict[str, list[int]] = {}  # the same tables as ids, kept in step
         # Chained hashes of the request's leading full blocks, computed lazily and at most once.
         self._req_hashes: dict[str, list[int]] = {}
         # Number of leading full blocks already published or deliberately left unpublished.
         self._req_num_cached: dict[str, int] = {}
+
+    def needs_caching(self, request_id: str, num_computed_tokens: int) -> bool:
+        """Whether `cache_blocks` would publish anything (cheap: no token list needed)."""
+        if not self.enable_prefix_caching or request_id not in self._req_num_cached:
+            return False
+        return num_computed_tokens // self._block_size > self._req_num_cached[request_id]
 
     @property
     def block_size(self) -> int:
@@ -122,6 +129,10 @@ class KVCacheManager:
         On the request's first call, `computed_block_ids` (from `get_computed_blocks`) are
         referenced and become the head of its table. Returns the whole table, or None when
         the pool is short, in which case nothing changed. Tables never shrink here.
+
+        NOTE: the returned list is the manager's own, kept up to date in place (the scheduler
+        calls this for every running request every step, so no copy is made): read it,
+        slice it, never modify it.
         """
         num_needed_total = self.num_blocks_needed(num_tokens_total)
         blocks = self._req_blocks.get(request_id)
@@ -134,8 +145,12 @@ class KVCacheManager:
             num_new = num_needed_total - len(blocks)
             if num_new > self._pool.num_free_blocks:
                 return None
-            blocks.extend(self._pool.allocate() for _ in range(num_new))
-            return [block.block_id for block in blocks]
+            ids = self._req_block_ids[request_id]
+            for _ in range(num_new):
+                block = self._pool.allocate()
+                blocks.append(block)
+                ids.append(block.block_id)
+            return ids
 
         computed = self._resolve_computed(request_id, num_tokens_total, computed_block_ids or [])
         num_new = num_needed_total - len(computed)
@@ -147,8 +162,9 @@ class KVCacheManager:
         self._pool.touch(computed)
         blocks = computed + [self._pool.allocate() for _ in range(num_new)]
         self._req_blocks[request_id] = blocks
+        self._req_block_ids[request_id] = ids = [block.block_id for block in blocks]
         self._req_num_cached[request_id] = len(computed)
-        return [block.block_id for block in blocks]
+        return ids
 
     def cache_blocks(
         self, request_id: str, token_ids: Sequence[int], num_computed_tokens: int
@@ -189,6 +205,7 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         """Release the request's blocks and forget it; a no-op for unknown ids."""
         blocks = self._req_blocks.pop(request_id, None)
+        self._req_block_ids.pop(request_id, None)
         self._req_hashes.pop(request_id, None)
         self._req_num_cached.pop(request_id, None)
         if blocks:
