@@ -48,15 +48,19 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        key_cache, value_cache = kv_cache[0], kv_cache[1]  # [slots, Hkv, D]
+        num_slots, num_kv_heads, head_dim = kv_cache.shape[1:]
+        # [2, num_blocks, block_size, Hkv, D]: a free view of the slot layout
+        blocks = kv_cache.view(
+            2, num_slots // meta.block_size, meta.block_size, num_kv_heads, head_dim
+        )
         for span in meta.prefills:
-            keys = key_cache[span.key_slots].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
-            values = value_cache[span.key_slots].transpose(0, 1)[None]
+            keys = blocks[0, span.block_ids].flatten(0, 1)[: span.context_len]  # [ctx, Hkv, D]
+            values = blocks[1, span.block_ids].flatten(0, 1)[: span.context_len]
             queries = q[span.start : span.stop].transpose(0, 1)[None]  # [1, Hq, n, D]
             attn = F.scaled_dot_product_attention(
                 queries,
-                keys,
-                values,
+                keys.transpose(0, 1)[None],
+                values.transpose(0, 1)[None],
                 attn_mask=span.mask,
                 is_causal=span.mask is None,
                 scale=scale,
@@ -64,10 +68,11 @@ class TorchPagedAttention:
             )
             out[span.start : span.stop] = attn[0].transpose(0, 1)
         if meta.num_decodes:
-            keys = key_cache[meta.decode_key_slots].transpose(1, 2)  # [B, Hkv, ctx, D]
-            values = value_cache[meta.decode_key_slots].transpose(1, 2)
+            table = meta.decode_block_table
+            keys = blocks[0, table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, nb * bs, D]
+            values = blocks[1, table].flatten(1, 2).transpose(1, 2)
             queries = q[meta.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
-            mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, ctx]
+            mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, nb * bs]
             attn = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
             )

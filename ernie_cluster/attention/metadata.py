@@ -23,7 +23,8 @@ class PrefillSpan:
 
     start: int
     stop: int
-    key_slots: torch.Tensor  # [context_len] cache slots of every key the span attends to
+    block_ids: torch.Tensor  # [ceil(context_len / block_size)] blocks holding its keys
+    context_len: int
     mask: torch.Tensor | None  # [num_new, context_len] True where query may attend to key;
     # None when the span has no cached prefix: plain causal attention, no mask to build
 
@@ -34,8 +35,9 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] cache slot for each new token's K/V
     prefills: list[PrefillSpan]
     decode_rows: torch.Tensor  # [num_decodes] flat row of each decode token
-    decode_key_slots: torch.Tensor  # [num_decodes, max_context] (0-padded)
-    decode_mask: torch.Tensor  # [num_decodes, max_context] True for real keys
+    decode_block_table: torch.Tensor  # [num_decodes, max_blocks] (0-padded)
+    decode_mask: torch.Tensor  # [num_decodes, max_blocks * block_size] True for real keys
+    block_size: int
 
     @property
     def num_decodes(self) -> int:
@@ -66,9 +68,9 @@ class AttentionMetadata:
         # NOTE: vectorised over the batch: with hundreds of decodes a per-sequence loop of
         # small tensor ops cost more than the scheduler.
         max_blocks = max((len(t) for t in block_tables), default=0)
-        padded = torch.zeros(num_seqs, max_blocks, dtype=torch.long)  # [B, max_blocks]
-        for i, table in enumerate(block_tables):
-            padded[i, : len(table)] = torch.as_tensor(table, dtype=torch.long)
+        padded = torch.tensor(  # [B, max_blocks]
+            [list(t) + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long
+        ).reshape(num_seqs, max_blocks)
         q_lens = torch.as_tensor(query_lens, dtype=torch.long)
         ctx_lens = torch.as_tensor(context_lens, dtype=torch.long)
         starts = torch.cumsum(q_lens, 0) - q_lens  # [B] first row of each sequence
@@ -81,30 +83,32 @@ class AttentionMetadata:
 
         is_decode = q_lens == 1
         decode_seqs = is_decode.nonzero().squeeze(-1)
-        max_ctx = int(ctx_lens[decode_seqs].max()) if decode_seqs.numel() else 0
-        key_pos = torch.arange(max_ctx)  # [max_ctx]
-        key_mask = key_pos[None, :] < ctx_lens[decode_seqs, None]  # [Bd, max_ctx]
-        block_index = (key_pos // block_size).clamp(max=max(max_blocks - 1, 0))
-        key_slots = padded[decode_seqs][:, block_index] * block_size + key_pos % block_size
-        key_slots = key_slots.masked_fill(~key_mask, 0)  # [Bd, max_ctx]
+        # NOTE: decodes gather whole blocks (contiguous block_size-row copies), not slots.
+        decode_blocks = (
+            -(-int(ctx_lens[decode_seqs].max()) // block_size) if (decode_seqs.numel()) else 0
+        )
+        decode_block_table = padded[decode_seqs][:, :decode_blocks]  # [Bd, nb]
+        key_pos = torch.arange(decode_blocks * block_size)
+        key_mask = key_pos[None, :] < ctx_lens[decode_seqs, None]  # [Bd, nb * bs]
 
         prefills: list[PrefillSpan] = []
         for i in (~is_decode).nonzero().squeeze(-1).tolist():
             q_len, ctx_len = int(q_lens[i]), int(ctx_lens[i])
-            all_pos = torch.arange(ctx_len)
-            slots = padded[i, all_pos // block_size] * block_size + all_pos % block_size
             mask = None
             if q_len < ctx_len:
+                all_pos = torch.arange(ctx_len)
                 query_pos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
                 mask = (all_pos[None, :] <= query_pos).to(device)  # [q_len, ctx_len]
             begin = int(starts[i])
-            prefills.append(PrefillSpan(begin, begin + q_len, slots.to(device), mask))
+            blocks = padded[i, : -(-ctx_len // block_size)].to(device)
+            prefills.append(PrefillSpan(begin, begin + q_len, blocks, ctx_len, mask))
         decode_rows = starts[decode_seqs]
         return cls(
             num_tokens=row,
             slot_mapping=slot_mapping.to(device),
             prefills=prefills,
-            decode_rows=torch.as_tensor(decode_rows, dtype=torch.long, device=device),
-            decode_key_slots=key_slots.to(device),
+            decode_rows=decode_rows.to(device),
+            decode_block_table=decode_block_table.to(device),
             decode_mask=key_mask.to(device),
+            block_size=block_size,
         )
