@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.engine.llm_engine import EngineStats, LLMEngine, Prompt
+from ernie_cluster.engine.llm_engine import BatchFailedError, EngineStats, LLMEngine, Prompt
 from ernie_cluster.outputs import RequestOutput
 from ernie_cluster.sampling_params import SamplingParams
 
@@ -60,6 +60,8 @@ class AsyncLLMEngine:
         self._loop_task: asyncio.Task | None = None
         self._dead: BaseException | None = None
         self._closed = False
+        self._pending_aborts: set[str] = set()
+        self._num_adding = 0
 
     @classmethod
     def from_config(cls, config: EngineConfig, **kwargs) -> AsyncLLMEngine:
@@ -96,9 +98,13 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.Queue())
-        async with self._lock:  # type: ignore[union-attr]
-            self.engine.add_request(request_id, prompt, params, priority=priority)
-            self._streams[request_id] = stream
+        self._num_adding += 1
+        try:
+            async with self._lock:  # type: ignore[union-attr]
+                self.engine.add_request(request_id, prompt, params, priority=priority)
+                self._streams[request_id] = stream
+        finally:
+            self._num_adding -= 1
         self._wakeup.set()  # type: ignore[union-attr]
         try:
             while True:
@@ -120,14 +126,33 @@ class AsyncLLMEngine:
         finally:
             self._streams.pop(request_id, None)
             if not stream.finished:
-                await self.abort(request_id)
+                self.request_abort(request_id)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet scheduled, including those waiting to be added."""
+        return len(self.engine.scheduler.waiting) + self._num_adding
+
+    def request_abort(self, request_id: str) -> None:
+        """Abort at the next step boundary (at once when idle); never waits.
+
+        NOTE: a cancelled consumer cannot wait for the engine lock (held for a whole step,
+        and its cancellation would be re-delivered), so aborts are queued for the loop.
+        """
+        self._streams.pop(request_id, None)
+        self._pending_aborts.add(request_id)
+        if self._lock is not None and not self._lock.locked():
+            self._apply_aborts()
+        elif self._wakeup is not None:
+            self._wakeup.set()
 
     async def abort(self, request_id: str) -> None:
-        if self._lock is None:
-            return
-        async with self._lock:
-            self.engine.abort_request(request_id)
-        self._streams.pop(request_id, None)
+        self.request_abort(request_id)
+
+    def _apply_aborts(self) -> None:
+        if self._pending_aborts:
+            pending, self._pending_aborts = self._pending_aborts, set()
+            self.engine.abort_request(list(pending))
 
     def get_stats(self) -> EngineStats:
         return self.engine.get_stats()
@@ -163,7 +188,16 @@ class AsyncLLMEngine:
                     await self._wakeup.wait()  # type: ignore[union-attr]
                     continue
                 async with self._lock:  # type: ignore[union-attr]
-                    outputs = await loop.run_in_executor(None, self.engine.step, True)
+                    self._apply_aborts()
+                    try:
+                        outputs = await loop.run_in_executor(None, self.engine.step, True)
+                    except BatchFailedError as failure:  # those requests end; the engine lives
+                        outputs = []
+                        for request_id in failure.request_ids:
+                            stream = self._streams.pop(request_id, None)
+                            if stream is not None:
+                                stream.queue.put_nowait(failure)
+                    self._apply_aborts()
                 for output in outputs:
                     stream = self._streams.get(output.request_id)
                     if stream is not None:

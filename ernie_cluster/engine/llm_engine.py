@@ -62,6 +62,15 @@ class EngineStats:
         return float(per_layer.max())
 
 
+class BatchFailedError(RuntimeError):
+    """A step failed inside the model (not a dead worker): its requests ended with this error;
+    the engine itself keeps serving."""
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"generation failed for this batch: {type(cause).__name__}: {cause}")
+        self.request_ids = request_ids
+
+
 def read_generation_eos(model_dir: Path) -> list[int]:
     path = model_dir / "generation_config.json"
     if not path.is_file():
@@ -208,7 +217,13 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
             return []
-        runner_output = self.executor.execute_model(scheduler_output)
+        try:
+            runner_output = self.executor.execute_model(scheduler_output)
+        except Exception as exc:
+            if not getattr(self.executor, "recovers_from_step_errors", False):
+                raise
+            logger.exception("a step failed; ending the requests it carried")
+            self._fail_batch(scheduler_output, exc)
         appended = self.scheduler.update_from_output(
             scheduler_output, runner_output.sampled_token_ids
         )
@@ -231,6 +246,18 @@ class LLMEngine:
             if group.finished:
                 self.output_processor.remove_group(group)
         return outputs
+
+    def _fail_batch(self, scheduler_output, exc: Exception) -> None:
+        request_ids = list(scheduler_output.num_scheduled_tokens)
+        parents = []
+        for request in self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ERROR):
+            self.output_processor.mark_finished(request)
+            parents.append(request.parent_id)
+        for parent in dict.fromkeys(parents):
+            group = self.output_processor.groups.get(parent)
+            if group is not None:
+                self.abort_request(parent)  # its other samples too
+        raise BatchFailedError(list(dict.fromkeys(parents)), exc) from exc
 
     def get_stats(self) -> EngineStats:
         kv = self.kv_cache

@@ -8,6 +8,10 @@ from ernie_cluster.worker.worker import Worker
 
 
 class LocalExecutor:
+    # A failed step leaves the in-process worker consistent: the engine ends that batch's
+    # requests (the worker drops their state) and keeps serving.
+    recovers_from_step_errors = True
+
     def __init__(self, config: EngineConfig, model_dir: str) -> None:
         if config.world_size != 1:
             raise ValueError(

@@ -72,7 +72,10 @@ class Sampler:
         scaled = logits / temperature.to(device).unsqueeze(1)  # [R, V] fresh copy, safe to edit
 
         if any(0 < p.top_k < logits.shape[1] or p.top_p < 1.0 for p in params):
-            top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device)
+            vocab = logits.shape[1]  # a top_k past the vocabulary is "off" (and fits int64)
+            top_k = torch.tensor(
+                [min(p.top_k, vocab) for p in params], dtype=torch.int64, device=device
+            )
             top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
             apply_top_k_top_p(scaled, top_k, top_p)
 

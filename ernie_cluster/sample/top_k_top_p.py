@@ -53,7 +53,8 @@ def _threshold(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor | None
     # so the kept positions are exactly a prefix and counting them finds the cut-off.
     mass_before = torch.nn.functional.pad(probs.cumsum(dim=-1)[:, :-1], (1, 0))  # [S, max_k]
     is_kept = mass_before < top_p.unsqueeze(1).to(probs.dtype)  # [S, max_k]
-    num_kept = is_kept.sum(dim=-1, keepdim=True)  # [S, 1] >= 1: mass_before[:, 0] is 0
+    # NOTE: at least the top token, also when top_p rounds to 0 in float32.
+    num_kept = is_kept.sum(dim=-1, keepdim=True).clamp(min=1)  # [S, 1]
     # NOTE: maximum, because rounding can leave the mass short of top_p past the k-th
     # candidate, where every candidate is already -inf.
     return torch.maximum(kth, candidates.gather(1, num_kept - 1))

@@ -260,7 +260,8 @@ class ChatHandler:
                             id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)
                         )
                         for c in parsed.tool_calls
-                    ],
+                    ]
+                    or None,
                 )
                 if parsed.tool_calls and finish == "stop":
                     finish = "tool_calls"

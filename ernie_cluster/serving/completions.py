@@ -54,7 +54,12 @@ class CompletionHandler:
                     raise BadRequestError(
                         "this model has no tokenizer: send token ids", param="prompt"
                     )
-                ids = tokenizer.encode(item)
+                try:
+                    ids = tokenizer.encode(item)
+                except (TypeError, ValueError) as exc:  # e.g. a lone surrogate
+                    raise BadRequestError(
+                        f"cannot tokenize the prompt: {exc}", param="prompt"
+                    ) from exc
                 result.append((item, ids))
             else:
                 bad = [t for t in item if not 0 <= t < self.settings.vocab_size]
@@ -257,6 +262,8 @@ class CompletionHandler:
         finally:
             for task in tasks:
                 task.cancel()
+            # The pumps must be done with their streams before the streams are closed.
+            await asyncio.gather(*tasks, return_exceptions=True)
             for stream in streams:
                 await stream.aclose()
             for tracker in trackers:

@@ -13,9 +13,10 @@ from dataclasses import asdict
 from typing import Any, Protocol
 
 from ernie_cluster.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ernie_cluster.engine.llm_engine import BatchFailedError
 from ernie_cluster.outputs import RequestOutput
 from ernie_cluster.sampling_params import SamplingParams
-from ernie_cluster.serving.errors import EngineUnavailableError, OverloadedError
+from ernie_cluster.serving.errors import EngineUnavailableError, OpenAIError, OverloadedError
 
 
 class EngineClient(Protocol):
@@ -58,7 +59,7 @@ class LocalEngineClient:
     def check_admission(self) -> None:
         if self.max_waiting_requests is None:
             return
-        waiting = len(self.engine.engine.scheduler.waiting)
+        waiting = self.engine.num_waiting
         if waiting >= self.max_waiting_requests:
             raise OverloadedError(
                 f"the server is at capacity: {waiting} requests waiting "
@@ -81,6 +82,8 @@ class LocalEngineClient:
                 yield output
         except EngineDeadError as exc:
             raise EngineUnavailableError(str(exc)) from exc
+        except BatchFailedError as exc:
+            raise OpenAIError(str(exc), code="generation_failed") from exc
 
     async def check_health(self) -> None:
         try:

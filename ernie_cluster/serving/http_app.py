@@ -7,13 +7,15 @@ body; nothing here knows where the engine runs.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -39,46 +41,65 @@ from ernie_cluster.serving.request_params import SESSION_HEADER, session_key
 logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-ernie-replica"
+DISCONNECT_POLL_S = 0.5
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
 
 
-class BodySizeLimit:
-    """Rejects request bodies over `limit` bytes (by Content-Length or as they stream in)."""
+class RequestGate:
+    """Checks that run before FastAPI parses anything: the API key on /v1 routes (so a bad
+    body without a key is a 401, not a 400), then the body size (413 by Content-Length, or
+    after buffering a chunked body, which FastAPI would otherwise report as a parse error)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, api_key: str | None) -> None:
         self.app = app
         self.limit = limit
+        self.api_key = api_key.encode() if api_key is not None else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._reject(send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key is not None and scope.get("path", "").startswith("/v1"):
+            scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(token, self.api_key):
+                error = AuthenticationError(
+                    "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                )
+                await self._send_error(error, send)
+                return
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.limit:
+                await self._send_error(PayloadTooLargeError(self._message()), send)
+                return
+            await self.app(scope, receive, send)
             return
-        received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+        messages: list[Message] = []
+        size = 0
+        while True:  # no Content-Length: read (up to the limit) before deciding
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.limit:
-                    raise PayloadTooLargeError(self._message())
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                await self._send_error(PayloadTooLargeError(self._message()), send)
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except PayloadTooLargeError:
-            await self._reject(send)
+        async def replay() -> Message:
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
 
     def _message(self) -> str:
         return f"request body exceeds the limit of {self.limit} bytes"
 
-    async def _reject(self, send: Send) -> None:
-        response = error_response(PayloadTooLargeError(self._message()))
-        await response({"type": "http"}, _empty_receive, send)
+    async def _send_error(self, error: OpenAIError, send: Send) -> None:
+        await error_response(error)({"type": "http"}, _empty_receive, send)
 
 
 async def _empty_receive() -> Message:
@@ -93,7 +114,30 @@ def _respond(result, replica: str | None) -> Response:
     headers = {REPLICA_HEADER: replica} if replica else {}
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream", headers=headers)
-    return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+    body = result.model_dump(exclude_none=True)
+    for choice in body.get("choices", ()):
+        if "message" in choice:  # OpenAI sends content: null (e.g. beside tool calls)
+            choice["message"].setdefault("content", None)
+    return JSONResponse(body, headers=headers)
+
+
+async def until_disconnected(request: Request, work: Awaitable):
+    """Run `work`; cancel it (aborting its engine requests) if the client goes away first.
+    Streams need no watcher: the server cancels them on disconnect."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ClientDisconnected()
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready."""
 
 
 def build_http_app(serving: OpenAIServing) -> FastAPI:
@@ -104,33 +148,19 @@ def build_http_app(serving: OpenAIServing) -> FastAPI:
         description="OpenAI-compatible API for ERNIE-4.5 mixture-of-experts models",
     )
 
-    def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token, settings.api_key):
-            raise AuthenticationError(
-                "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-            )
-
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        authorize(request)
         serving.check_model(body.model)
         key = session_key(request.headers.get(SESSION_HEADER), body.user, body)
-        result, replica = await serving.chat.create(body, key)
+        result, replica = await until_disconnected(request, serving.chat.create(body, key))
         return _respond(result, replica)
 
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        authorize(request)
         serving.check_model(body.model)
         key = session_key(request.headers.get(SESSION_HEADER), body.user, body)
-        result, replica = await serving.completions.create(body, key)
+        result, replica = await until_disconnected(request, serving.completions.create(body, key))
         return _respond(result, replica)
 
     async def models(request: Request) -> ModelList:
-        authorize(request)
         return serving.models()
 
     async def health() -> Response:
@@ -145,17 +175,28 @@ def build_http_app(serving: OpenAIServing) -> FastAPI:
             await serving.render_metrics(), media_type="text/plain; version=0.0.4; charset=utf-8"
         )
 
+    sse_or_json = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}}}
+    prometheus = {200: {"content": {"text/plain": {"schema": {"type": "string"}}}}}
     routes = [
-        ("/v1/chat/completions", chat_completions, ["POST"], ChatCompletionResponse),
-        ("/v1/completions", completions, ["POST"], CompletionResponse),
-        ("/v1/models", models, ["GET"], ModelList),
-        ("/health", health, ["GET"], None),
-        ("/metrics", metrics, ["GET"], None),
+        ("/v1/chat/completions", chat_completions, ["POST"], ChatCompletionResponse, sse_or_json),
+        ("/v1/completions", completions, ["POST"], CompletionResponse, sse_or_json),
+        ("/v1/models", models, ["GET"], ModelList, {}),
+        ("/health", health, ["GET"], None, {}),
+        ("/metrics", metrics, ["GET"], None, prometheus),
     ]
-    for path, endpoint, methods, model in routes:
+    for path, endpoint, methods, model, extra in routes:
         app.add_api_route(
-            path, endpoint, methods=methods, response_model=model, responses=ERROR_RESPONSES
+            path,
+            endpoint,
+            methods=methods,
+            response_model=model,
+            responses={**ERROR_RESPONSES, **extra},
+            response_class=PlainTextResponse if path == "/metrics" else JSONResponse,
         )
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_disconnect(_: Request, exc: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
     @app.exception_handler(OpenAIError)
     async def on_openai_error(_: Request, exc: OpenAIError) -> JSONResponse:
@@ -186,5 +227,5 @@ def build_http_app(serving: OpenAIServing) -> FastAPI:
         logger.exception("unhandled error")
         return error_response(OpenAIError(f"internal error: {type(exc).__name__}"))
 
-    app.add_middleware(BodySizeLimit, limit=settings.max_request_body_bytes)
+    app.add_middleware(RequestGate, limit=settings.max_request_body_bytes, api_key=settings.api_key)
     return app
