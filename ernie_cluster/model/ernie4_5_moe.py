@@ -97,7 +97,11 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         super().__init__()
         shard = shard or ShardSpec()
         shard.check(config)
-        comm = comm or SINGLE_RANK
+        # NOTE: without a communicator a sharded model still loads (to inspect a rank's
+        # weights); only its forward needs the process group.
+        comm = comm or (
+            SINGLE_RANK if shard.world_size == 1 else Communicator(shard.rank, shard.world_size)
+        )
         if (comm.rank, comm.world_size) != (shard.rank, shard.world_size):
             raise ValueError(
                 f"communicator rank {comm.rank}/{comm.world_size} does not match shard "
