@@ -76,9 +76,9 @@ class StatsBoard:
 
 
 def stats_board(name: str):
-    return StatsBoard.options(
-        name=name, get_if_exists=True, lifetime="detached", namespace="ernie-cluster"
-    ).remote()
+    # NOTE: not detached: it lives as long as the process that created it, and whoever asks
+    # next after that recreates it, so a deleted app leaves no actor behind.
+    return StatsBoard.options(name=name, get_if_exists=True, namespace="ernie-cluster").remote()
 
 
 class LLMServer:
@@ -114,13 +114,14 @@ class LLMServer:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (tests)
             self.replica = "local"
-        self.board = stats_board(board_name)
+        self.board_name = board_name
         self._publisher = asyncio.get_running_loop().create_task(self._publish_stats())
 
     async def _publish_stats(self) -> None:
         while True:
             try:
-                self.board.update.remote(self.replica, self.stats())
+                # Looked up each time: the board is recreated if its owner went away.
+                stats_board(self.board_name).update.remote(self.replica, self.stats())
             except Exception as exc:  # the board is best effort: never break serving
                 logger.debug("stats publish failed: %s", exc)
             await asyncio.sleep(STATS_PERIOD_S)
