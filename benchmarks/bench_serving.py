@@ -1,6 +1,7 @@
 """Serving overhead: time to first token (TTFT) and inter-token latency (ITL) through HTTP
-(Ray Serve: proxy -> OpenAIIngress -> LLMServer) against the same requests on the in-process
-AsyncLLMEngine, at concurrency 1 and 32, in one run.
+against the same requests on the in-process AsyncLLMEngine, at concurrency 1 and 32, in one
+run. Two Ray Serve layouts: the default (proxy -> OpenAIIngress -> LLMServer, session
+affinity) and `single_hop` (proxy -> OpenAIServer, the app inside the model replica).
 
     .venv/bin/python benchmarks/bench_serving.py [--requests 32] [--max-tokens 32]
 
@@ -121,46 +122,52 @@ def main() -> None:
     )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(
-        build_app(
-            ServeAppConfig(
-                model=str(ckpt), served_model_name=["tiny"], dtype="float32", max_num_seqs=32
-            )
-        ),
-        name="bench",
-        route_prefix="/",
-        blocking=False,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    async def http_levels():
-        out = {}
-        async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as h:
-            await over_http(h, url, prompts[0], 4)
-            for level in (1, 32):
-                out[level] = await run_level(
-                    lambda i: over_http(h, url, prompts[i], args.max_tokens), level, args.requests
-                )
-        return out
-
-    remote = asyncio.run(http_levels())
+    remote = {}
+    for single_hop in (False, True):
+        config = ServeAppConfig(
+            model=str(ckpt),
+            served_model_name=["tiny"],
+            dtype="float32",
+            max_num_seqs=32,
+            single_hop=single_hop,
+        )
+        serve.run(build_app(config), name="bench", route_prefix="/", blocking=False)
+        remote[single_hop] = asyncio.run(
+            http_levels(f"http://127.0.0.1:{port}", prompts, args.max_tokens, args.requests)
+        )
+        serve.delete("bench")
     serve.shutdown()
     ray.shutdown()
+    report(args, local, remote)
 
+
+async def http_levels(url: str, prompts, max_tokens: int, requests: int):
+    out = {}
+    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64)) as http:
+        await over_http(http, url, prompts[0], 4)
+        for level in (1, 32):
+            out[level] = await run_level(
+                lambda i: over_http(http, url, prompts[i], max_tokens), level, requests
+            )
+    return out
+
+
+def report(args, local, remote) -> None:
     print(
         f"tiny checkpoint, {args.requests} requests per level, prompt {args.prompt_len}, "
         f"{args.max_tokens} output tokens, greedy"
     )
+    layouts = {False: "HTTP two-hop", True: "HTTP one-hop"}
     for level in (1, 32):
-        (l_ttft, l_itl), (h_ttft, h_itl) = local[level], remote[level]
-        print(f"concurrency {level:2d}  in-process TTFT {summary(l_ttft)} | ITL {summary(l_itl)}")
-        print(f"concurrency {level:2d}  HTTP       TTFT {summary(h_ttft)} | ITL {summary(h_itl)}")
-        added = statistics.median(h_ttft) - statistics.median(l_ttft)
-        ratio = statistics.median(h_ttft) / statistics.median(l_ttft)
-        print(
-            f"concurrency {level:2d}  HTTP adds {added * 1e3:.2f} ms to TTFT (p50), "
-            f"ratio {ratio:.2f}x"
-        )
+        l_ttft, l_itl = local[level]
+        print(f"concurrency {level:2d}  in-process   TTFT {summary(l_ttft)} | ITL {summary(l_itl)}")
+        for single_hop, name in layouts.items():
+            h_ttft, h_itl = remote[single_hop][level]
+            added = statistics.median(h_ttft) - statistics.median(l_ttft)
+            print(
+                f"concurrency {level:2d}  {name} TTFT {summary(h_ttft)} | ITL {summary(h_itl)}"
+                f" | adds {added * 1e3:.2f} ms to TTFT (p50)"
+            )
 
 
 if __name__ == "__main__":

@@ -141,6 +141,7 @@ def serve_config_from_args(args: argparse.Namespace):
         max_waiting_requests=args.max_waiting_requests,
         num_replicas=args.num_replicas,
         autoscaling=autoscaling,
+        single_hop=args.single_hop,
         **{k: v for k, v in engine.items() if k in ServeAppConfig.model_fields},
     )
 
@@ -222,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="503 + Retry-After once this many requests wait in a replica",
+    )
+    g.add_argument(
+        "--single-hop",
+        action="store_true",
+        help="run the HTTP app inside the model replicas: one Serve hop (lower latency) but "
+        "no session affinity",
     )
     g.add_argument(
         "--ray-address",

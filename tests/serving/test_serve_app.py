@@ -163,3 +163,27 @@ def test_dropped_streams_free_their_blocks(server):
             break
         assert time.monotonic() - dropped_at < 2.0, stats
         time.sleep(0.05)
+
+
+def test_single_hop_layout(server, tiny_checkpoint):
+    """single_hop=True: the HTTP app runs inside the model replica, same API."""
+    from openai import OpenAI
+    from ray import serve
+
+    from ernie_cluster.serving.ray_serve.builder import build_app
+    from ernie_cluster.serving.ray_serve.config import ServeAppConfig
+
+    config = ServeAppConfig(
+        model=str(tiny_checkpoint), served_model_name=["tiny"], dtype="float32", single_hop=True
+    )
+    serve.run(build_app(config), name="ernie-single", route_prefix="/single", blocking=False)
+    try:
+        client = OpenAI(base_url=f"{server}/single/v1", api_key="x", timeout=60)
+        whole = chat(client)
+        streamed = "".join(
+            c.choices[0].delta.content or "" for c in chat(client, stream=True) if c.choices
+        )
+        assert streamed == whole.choices[0].message.content
+        assert whole.usage.completion_tokens >= 1
+    finally:
+        serve.delete("ernie-single")

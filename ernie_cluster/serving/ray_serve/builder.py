@@ -15,7 +15,7 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from ernie_cluster.serving.ray_serve.config import ServeAppConfig
-from ernie_cluster.serving.ray_serve.deployments import LLMServer, OpenAIIngress
+from ernie_cluster.serving.ray_serve.deployments import LLMServer, OpenAIIngress, OpenAIServer
 from ernie_cluster.serving.ray_serve.router import SessionAffinityRouter
 
 
@@ -62,13 +62,19 @@ def build_app(args: dict[str, Any] | ServeAppConfig) -> serve.Application:
         "ernie-stats-"
         + hashlib.blake2b(repr(sorted(dumped.items())).encode(), digest_size=6).hexdigest()
     )
-    llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(
+    server_args = (
         config.engine_config(model),
         config.max_waiting_requests,
         board,
         config.placement_strategy,
         config.cpus_per_worker,
     )
+    if config.single_hop:
+        options = {**llm_server_options(config), "name": "OpenAIServer"}
+        return serve.deployment(serve.ingress()(OpenAIServer), **options).bind(
+            *server_args, dumped, model
+        )
+    llm = serve.deployment(LLMServer, **llm_server_options(config)).bind(*server_args)
     ingress_cls = serve.ingress()(OpenAIIngress)
     ingress = serve.deployment(
         ingress_cls,

@@ -65,6 +65,12 @@ class ServeAppConfig(BaseModel):
     )
     autoscaling: AutoscalingConfig | None = None
     ingress_replicas: int = Field(1, ge=1)
+    single_hop: bool = Field(
+        False,
+        description="Run the HTTP app inside the model replicas (one Serve hop, lower latency) "
+        "instead of a separate ingress deployment; replicas are then chosen by load only "
+        "(no session affinity)",
+    )
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
     cpus_per_worker: int = Field(1, ge=1, description="CPUs reserved per shard worker (CPU mode)")
 

@@ -206,6 +206,56 @@ class OpenAIIngress:
         return build_http_app(self.serving)
 
 
+class ReplicaEngineClient(LocalEngineClient):
+    """The engine of this very replica (single-hop layout), stats from every replica."""
+
+    def __init__(self, server: LLMServer) -> None:
+        super().__init__(server.engine, server.client.max_waiting_requests)
+        self.server = server
+
+    async def generate(self, prompt_token_ids, params, request_id, priority=0, session_key=None):
+        async for output in super().generate(prompt_token_ids, params, request_id, priority):
+            output.served_by = self.server.replica
+            yield output
+
+    async def get_stats(self) -> list[dict[str, Any]]:
+        return await stats_board(self.server.board_name).read.remote()
+
+
+class OpenAIServer(LLMServer):
+    """Single-hop layout: the HTTP app and the model instance in one replica.
+
+    One Serve hop instead of two (about 6 ms less to the first token on a 2-core machine);
+    the proxy spreads requests over replicas by load, so there is no session affinity.
+    """
+
+    async def __init__(
+        self,
+        engine_config,
+        max_waiting_requests,
+        board_name,
+        placement_strategy,
+        cpus_per_worker,
+        app_config: dict,
+        model: str,
+    ) -> None:
+        from ernie_cluster.serving.ray_serve.config import ServeAppConfig
+
+        await LLMServer.__init__(
+            self,
+            engine_config,
+            max_waiting_requests,
+            board_name,
+            placement_strategy,
+            cpus_per_worker,
+        )
+        settings = ingress_settings(ServeAppConfig.model_validate(app_config), model)
+        self.serving = OpenAIServing(ReplicaEngineClient(self), settings)
+
+    def __serve_build_asgi_app__(self):
+        return build_http_app(self.serving)
+
+
 def ingress_settings(config, model: str) -> ServingSettings:
     """What the ingress needs of the checkpoint: tokenizer, template, limits (no weights)."""
     from ernie_cluster.config.model_config import ErnieMoeConfig
