@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.serving.chat import usage
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
 from ernie_cluster.serving.logprobs import completion_logprobs
@@ -18,7 +19,6 @@ from ernie_cluster.serving.protocol import (
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    Usage,
     random_id,
 )
 from ernie_cluster.serving.request_params import resolve_max_tokens, to_sampling_params
@@ -165,11 +165,7 @@ class CompletionHandler:
             id=base_id,
             model=request.model,
             choices=choices,
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
+            usage=usage(prompt_tokens, completion_tokens, cached_tokens(trackers)),
         )
 
     async def _stream(self, request, base_id, prompts, streams, trackers) -> AsyncIterator[str]:
@@ -239,11 +235,7 @@ class CompletionHandler:
                         created=created,
                         model=request.model,
                         choices=[],
-                        usage=Usage(
-                            prompt_tokens=prompt_tokens,
-                            completion_tokens=completion_tokens,
-                            total_tokens=prompt_tokens + completion_tokens,
-                        ),
+                        usage=usage(prompt_tokens, completion_tokens, cached_tokens(trackers)),
                     )
                 )
             yield DONE
@@ -268,6 +260,10 @@ class CompletionHandler:
                 await stream.aclose()
             for tracker in trackers:
                 tracker.finish(error)
+
+
+def cached_tokens(trackers) -> int:
+    return sum(tracker.num_cached_tokens for tracker in trackers)
 
 
 async def drain(stream: AsyncIterator[RequestOutput], tracker) -> list[tuple]:

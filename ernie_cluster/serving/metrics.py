@@ -50,9 +50,11 @@ class RequestTracker:
         self.start = time.monotonic()
         self.last_token: float | None = None
         self.queue_time: float | None = None
+        self.num_cached_tokens = 0
         self.done = False
 
     def on_output(self, output: RequestOutput) -> None:
+        self.num_cached_tokens = output.num_cached_tokens
         if not any(sample.token_ids for sample in output.outputs):
             return
         now = time.monotonic()
