@@ -12,9 +12,20 @@ from ernie_cluster.tokenizer import Tokenizer
 
 
 def token_text(tokenizer: Tokenizer | None, token_id: int) -> str:
+    """A token as clients see it. Byte-fallback tokens keep their piece name ("<0xE4>"): alone
+    they are not valid UTF-8, and decoding each to U+FFFD would make distinct tokens collide."""
     if tokenizer is None:
         return f"token_id:{token_id}"
+    if token_id in tokenizer.byte_token_ids:
+        return tokenizer.convert_ids_to_tokens([token_id])[0]
     return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def token_bytes(tokenizer: Tokenizer | None, token_id: int, text: str) -> list[int]:
+    """The token's raw bytes (one byte for a byte-fallback token)."""
+    if tokenizer is not None and token_id in tokenizer.byte_token_ids:
+        return [int(text[3:5], 16)]  # "<0xE4>" -> [0xE4]
+    return list(text.encode())
 
 
 def chat_logprobs(
@@ -31,12 +42,12 @@ def chat_logprobs(
             TokenLogprob(
                 token=text,
                 logprob=max(entry[token_id], -9999.0),
-                bytes=list(text.encode()),
+                bytes=token_bytes(tokenizer, token_id, text),
                 top_logprobs=[
                     TopLogprob(
                         token=(t := token_text(tokenizer, tid)),
                         logprob=max(lp, -9999.0),
-                        bytes=list(t.encode()),
+                        bytes=token_bytes(tokenizer, tid, t),
                     )
                     for tid, lp in ranked
                 ],
