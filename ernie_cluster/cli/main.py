@@ -161,14 +161,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not address and args.host in ("127.0.0.1", "localhost"):
         local["_node_ip_address"] = "127.0.0.1"  # a loopback server keeps its Ray on loopback
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(config), name="ernie", route_prefix="/", blocking=False)
-    print(
-        f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 "
-        f"(model {config.served_model_name or [config.model or 'ernie-demo']}); Ctrl-C stops",
-        flush=True,
-    )
-    try:
+    try:  # Ctrl-C during start-up must clean up too
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(config), name="ernie", route_prefix="/", blocking=False)
+        print(
+            f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 "
+            f"(model {config.served_model_name or [config.model or 'ernie-demo']}); Ctrl-C stops",
+            flush=True,
+        )
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
