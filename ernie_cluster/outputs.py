@@ -3,7 +3,7 @@ per sample. Streaming returns the same types with only the new tokens and text (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass
@@ -21,6 +21,28 @@ class CompletionOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def extend(self, delta: CompletionOutput) -> None:
+        """Append a later delta of the same sample (text, tokens, logprobs, finish)."""
+        self.text += delta.text
+        self.token_ids = self.token_ids + delta.token_ids
+        if delta.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason, self.stop_reason = delta.finish_reason, delta.stop_reason
+
+
+def accumulate(samples: dict[int, CompletionOutput], output: RequestOutput) -> None:
+    """Fold one streamed RequestOutput into whole samples, by sample index."""
+    for delta in output.outputs:
+        if delta.index in samples:
+            samples[delta.index].extend(delta)
+        else:
+            samples[delta.index] = replace(
+                delta,
+                token_ids=list(delta.token_ids),
+                logprobs=list(delta.logprobs) if delta.logprobs is not None else None,
+            )
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.llm_engine import BatchFailedError, EngineStats, LLMEngine, Prompt
-from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.outputs import RequestOutput, accumulate
 from ernie_cluster.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -26,17 +26,7 @@ logger = logging.getLogger(__name__)
 def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
     """One delta output equal to `first` followed by `second` (same request)."""
     by_index = {sample.index: sample for sample in first.outputs}
-    for sample in second.outputs:
-        earlier = by_index.get(sample.index)
-        if earlier is None:
-            by_index[sample.index] = sample
-            continue
-        earlier.text += sample.text
-        earlier.token_ids = earlier.token_ids + sample.token_ids
-        if sample.logprobs is not None:
-            earlier.logprobs = (earlier.logprobs or []) + sample.logprobs
-        earlier.finish_reason = sample.finish_reason
-        earlier.stop_reason = sample.stop_reason
+    accumulate(by_index, second)
     second.outputs = [by_index[i] for i in sorted(by_index)]
     return second
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
 from ernie_cluster.serving.logprobs import chat_logprobs
@@ -61,12 +61,10 @@ class ChatPlan:
 
 
 @dataclass
-class ChoiceState:
-    text: str = ""
+class StreamState:
+    """One streamed choice: tokens so far (for usage) and its incremental parser."""
+
     token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
     parser: ErnieX1Parser | None = None
 
 
@@ -230,21 +228,13 @@ class ChatHandler:
         outputs: AsyncIterator[RequestOutput],
         tracker,
     ) -> ChatCompletionResponse:
-        choices = [ChoiceState() for _ in range(plan.num_choices)]
+        samples: dict[int, CompletionOutput] = {}
         cached = 0
         async for output in outputs:
             tracker.on_output(output)
             cached = output.num_cached_tokens
-            for sample in output.outputs:
-                state = choices[sample.index]
-                state.text += sample.text
-                state.token_ids += sample.token_ids
-                state.logprobs += sample.logprobs or []
-                if sample.finish_reason is not None:
-                    state.finish_reason, state.stop_reason = (
-                        sample.finish_reason,
-                        sample.stop_reason,
-                    )
+            accumulate(samples, output)
+        choices = [samples[i] for i in sorted(samples)]
         result = []
         for index, state in enumerate(choices):
             message = AssistantMessage(content=state.text)
@@ -268,7 +258,10 @@ class ChatHandler:
             logprobs = None
             if request.logprobs:
                 logprobs = chat_logprobs(
-                    self.settings.tokenizer, state.token_ids, state.logprobs, plan.top_logprobs
+                    self.settings.tokenizer,
+                    state.token_ids,
+                    state.logprobs or [],
+                    plan.top_logprobs,
                 )
             result.append(
                 ChatChoice(
@@ -297,7 +290,7 @@ class ChatHandler:
         include_usage: bool,
     ) -> AsyncIterator[str]:
         created = int(time.time())
-        choices = [ChoiceState(parser=self._parser(plan)) for _ in range(plan.num_choices)]
+        choices = [StreamState(parser=self._parser(plan)) for _ in range(plan.num_choices)]
         cached = 0
         error: BaseException | None = None
 
@@ -371,7 +364,7 @@ class ChatHandler:
             await outputs.aclose()
             tracker.finish(error)
 
-    def _delta(self, state: ChoiceState, text: str, plan: ChatPlan) -> DeltaOut:
+    def _delta(self, state: StreamState, text: str, plan: ChatPlan) -> DeltaOut:
         if state.parser is None:
             return DeltaOut(content=text or None)
         return self._delta_from(state.parser.feed(text), plan)

@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
-from ernie_cluster.outputs import RequestOutput
+from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
 from ernie_cluster.serving.chat import usage
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
@@ -145,20 +145,23 @@ class CompletionHandler:
         for i, ((prompt_text, ids), samples) in enumerate(zip(prompts, results, strict=True)):
             prompt_tokens += len(ids)
             for j in range(n):
-                text, tokens, entries, finish, stop_reason = samples[j]
-                completion_tokens += len(tokens)
+                sample = samples[j]
+                completion_tokens += len(sample.token_ids)
                 logprobs = None
                 if request.logprobs is not None:
                     logprobs = completion_logprobs(
-                        self.settings.tokenizer, tokens, entries, request.logprobs
+                        self.settings.tokenizer,
+                        sample.token_ids,
+                        sample.logprobs or [],
+                        request.logprobs,
                     )
                 choices.append(
                     CompletionChoice(
                         index=i * n + j,
-                        text=self._choice_text(request, prompt_text, text, True),
+                        text=self._choice_text(request, prompt_text, sample.text, True),
                         logprobs=logprobs,
-                        finish_reason=finish,
-                        stop_reason=stop_reason,
+                        finish_reason=sample.finish_reason,
+                        stop_reason=sample.stop_reason,
                     )
                 )
         return CompletionResponse(
@@ -266,16 +269,10 @@ def cached_tokens(trackers) -> int:
     return sum(tracker.num_cached_tokens for tracker in trackers)
 
 
-async def drain(stream: AsyncIterator[RequestOutput], tracker) -> list[tuple]:
-    """All samples of one engine request: (text, token ids, logprobs, finish, stop reason)."""
-    samples: dict[int, list] = {}
+async def drain(stream: AsyncIterator[RequestOutput], tracker) -> list[CompletionOutput]:
+    """All samples of one engine request, whole, in index order."""
+    samples: dict[int, CompletionOutput] = {}
     async for output in stream:
         tracker.on_output(output)
-        for sample in output.outputs:
-            state = samples.setdefault(sample.index, ["", [], [], None, None])
-            state[0] += sample.text
-            state[1] += sample.token_ids
-            state[2] += sample.logprobs or []
-            if sample.finish_reason is not None:
-                state[3], state[4] = sample.finish_reason, sample.stop_reason
-    return [tuple(samples[k]) for k in sorted(samples)]
+        accumulate(samples, output)
+    return [samples[k] for k in sorted(samples)]
