@@ -95,13 +95,11 @@ def template_messages(request: ChatCompletionRequest) -> list[dict]:
     return messages
 
 
+@dataclass
 class ChatHandler:
-    def __init__(
-        self, client: EngineClient, settings: ServingSettings, metrics: ServingMetrics
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.metrics = metrics
+    client: EngineClient
+    settings: ServingSettings
+    metrics: ServingMetrics
 
     # ------------------------------------------------------------------------ planning
     def plan(self, request: ChatCompletionRequest) -> ChatPlan:

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
 from ernie_cluster.serving.chat import usage
@@ -28,13 +29,11 @@ from ernie_cluster.serving.sse import DONE, peeked, sse
 logger = logging.getLogger(__name__)
 
 
+@dataclass
 class CompletionHandler:
-    def __init__(
-        self, client: EngineClient, settings: ServingSettings, metrics: ServingMetrics
-    ) -> None:
-        self.client = client
-        self.settings = settings
-        self.metrics = metrics
+    client: EngineClient
+    settings: ServingSettings
+    metrics: ServingMetrics
 
     def prompts(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
         raw = request.prompt
