@@ -124,12 +124,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def serve_config_from_args(args: argparse.Namespace):
     from ernie_cluster.serving.ray_serve.config import AutoscalingConfig, ServeAppConfig
 
+    # NOTE: any autoscaling flag turns autoscaling on (so it conflicts with --num-replicas);
+    # unset bounds default to 1 replica and unset delays to Ray's.
     autoscaling = None
-    if args.min_replicas is not None or args.max_replicas is not None:
+    flags = (args.min_replicas, args.max_replicas, args.upscale_delay_s, args.downscale_delay_s)
+    if any(flag is not None for flag in flags):
         autoscaling = AutoscalingConfig(
             min_replicas=args.min_replicas if args.min_replicas is not None else 1,
             max_replicas=args.max_replicas or max(1, args.min_replicas or 1),
             target_ongoing_requests=args.target_ongoing_requests,
+            upscale_delay_s=args.upscale_delay_s,
+            downscale_delay_s=args.downscale_delay_s,
         )
     engine = engine_kwargs(args)
     return ServeAppConfig(
@@ -250,6 +255,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=16.0,
         help="requests in flight per replica that autoscaling aims for",
+    )
+    s_.add_argument(
+        "--upscale-delay-s",
+        type=float,
+        default=None,
+        help="seconds load must stay above target before a replica is added "
+        "(default: Ray's 30); implies autoscaling",
+    )
+    s_.add_argument(
+        "--downscale-delay-s",
+        type=float,
+        default=None,
+        help="seconds load must stay below target before a replica is removed "
+        "(default: Ray's 600); implies autoscaling",
     )
     srv.set_defaults(func=cmd_serve)
 

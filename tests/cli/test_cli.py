@@ -1,4 +1,4 @@
-"""The ernie-cluster command: make-tiny and offline generate (the README's demo path)."""
+"""The `ernie-cluster` command: make-tiny, offline generate, serve flags (the README's demo path)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from ernie_cluster.checkpoints.demo import DEMO_NAME
+from ernie_cluster.cli.main import build_parser, serve_config_from_args
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -46,6 +47,38 @@ def test_make_tiny_and_bad_flags(tmp_path):
     assert (tmp_path / "ck" / "model.safetensors.index.json").is_file()
     bad = run_cli("generate", "--model", str(tmp_path / "ck"), "--max-model-len", "0")
     assert bad.returncode == 2 and "max_model_len must be >= 1" in bad.stderr
+
+
+def serve_config(*flags: str):
+    return serve_config_from_args(build_parser().parse_args(["serve", *flags]))
+
+
+def test_serve_autoscaling_delay_flags():
+    config = serve_config(
+        *("--min-replicas", "1", "--max-replicas", "3"),
+        *("--upscale-delay-s", "5", "--downscale-delay-s", "20.5"),
+    )
+    assert config.autoscaling is not None
+    assert (config.autoscaling.min_replicas, config.autoscaling.max_replicas) == (1, 3)
+    assert config.autoscaling.upscale_delay_s == 5.0
+    assert config.autoscaling.downscale_delay_s == 20.5
+
+
+def test_serve_delay_flag_alone_implies_autoscaling():
+    assert serve_config().autoscaling is None
+    assert serve_config("--max-replicas", "2").autoscaling.upscale_delay_s is None
+    config = serve_config("--downscale-delay-s", "0")
+    assert config.num_replicas is None
+    assert config.autoscaling.model_dump(exclude_none=True) == {
+        "min_replicas": 1,
+        "max_replicas": 1,
+        "target_ongoing_requests": 16.0,
+        "downscale_delay_s": 0.0,
+    }
+    with pytest.raises(ValueError, match="either num_replicas or autoscaling"):
+        serve_config("--num-replicas", "2", "--upscale-delay-s", "5")
+    with pytest.raises(ValueError, match="upscale_delay_s"):
+        serve_config("--upscale-delay-s", "-1")
 
 
 @pytest.mark.slow

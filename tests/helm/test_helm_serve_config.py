@@ -10,6 +10,7 @@ import pytest
 import yaml
 from chart_render import EXAMPLES, REPO_ROOT, chart, load_values, only, render, serve_config
 from pydantic import ValidationError
+from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
 
 from ernie_cluster.serving.ray_serve.builder import llm_server_options
 from ernie_cluster.serving.ray_serve.config import ServeAppConfig
@@ -19,6 +20,9 @@ VALUE_SETS = {"defaults": {}, **{path.stem: load_values(path) for path in EXAMPL
 VALUE_SETS["no-parsers-no-max-len"] = {
     "serve": {"reasoningParser": None, "toolCallParser": None, "maxModelLen": None},
     "model": {"revision": "main", "servedModelNames": ["ernie", "ernie-4.5"]},
+}
+VALUE_SETS["autoscaling-delays"] = {
+    "serve": {"autoscaling": {"upscaleDelayS": 0, "downscaleDelayS": 45.5}}
 }
 
 
@@ -62,6 +66,8 @@ def test_round_trips_through_serve_app_config(values):
     assert (
         config.autoscaling.target_ongoing_requests == serve["autoscaling"]["targetOngoingRequests"]
     )
+    assert config.autoscaling.upscale_delay_s == serve["autoscaling"].get("upscaleDelayS")
+    assert config.autoscaling.downscale_delay_s == serve["autoscaling"].get("downscaleDelayS")
     assert config.ingress_replicas == serve["ingressReplicas"]
     assert config.placement_strategy == serve["placementStrategy"]
 
@@ -82,6 +88,20 @@ def test_defaults_equal_deploy_serve_config():
     (deploy_app,) = DEPLOY_SERVE_CONFIG["applications"]
     chart_config = ServeAppConfig.model_validate(_app({})["args"])
     assert chart_config == ServeAppConfig.model_validate(deploy_app["args"])
+
+
+def test_autoscaling_delays_render_only_when_set():
+    assert _app({})["args"]["autoscaling"].keys() == {
+        "min_replicas",
+        "max_replicas",
+        "target_ongoing_requests",
+    }
+    args = _app(VALUE_SETS["autoscaling-delays"])["args"]
+    assert args["autoscaling"]["upscale_delay_s"] == 0
+    assert args["autoscaling"]["downscale_delay_s"] == 45.5
+    options = llm_server_options(ServeAppConfig.model_validate(args))
+    ray_config = RayAutoscalingConfig(**options["autoscaling_config"])
+    assert (ray_config.upscale_delay_s, ray_config.downscale_delay_s) == (0, 45.5)
 
 
 def test_extra_args_reach_the_config():

@@ -20,6 +20,12 @@ BAD_VALUES = {
     "negative-min-replicas": ({"serve": {"autoscaling": {"minReplicas": -1}}}, "minReplicas"),
     "negative-max-replicas": ({"serve": {"autoscaling": {"maxReplicas": -2}}}, "maxReplicas"),
     "zero-max-replicas": ({"serve": {"autoscaling": {"maxReplicas": 0}}}, "maxReplicas"),
+    "negative-upscale-delay": ({"serve": {"autoscaling": {"upscaleDelayS": -1}}}, "upscaleDelayS"),
+    "negative-downscale-delay": (
+        {"serve": {"autoscaling": {"downscaleDelayS": -0.5}}},
+        "downscaleDelayS",
+    ),
+    "string-upscale-delay": ({"serve": {"autoscaling": {"upscaleDelayS": "30s"}}}, "upscaleDelayS"),
     "negative-ingress-replicas": ({"serve": {"ingressReplicas": -1}}, "ingressReplicas"),
     "negative-gpus-per-pod": ({"worker": {"gpusPerPod": -8}}, "gpusPerPod"),
     "tp-3-does-not-divide-4-kv-heads": ({"serve": {"tensorParallelSize": 3}}, "tensorParallelSize"),

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pydantic import ValidationError
+from ray.serve.config import AutoscalingConfig as RayAutoscalingConfig
 from ray.serve.schema import ServeDeploySchema
 
 from ernie_cluster.serving.ray_serve.builder import build_app, llm_server_options
@@ -37,6 +38,8 @@ def test_builder_makes_an_application(tiny_checkpoint):
         ({"tensor_parallel_size": 2, "expert_parallel_size": 4}, "must equal"),
         ({"num_replicas": 2, "autoscaling": {"min_replicas": 1}}, "either num_replicas"),
         ({"autoscaling": {"min_replicas": 3, "max_replicas": 2}}, "min_replicas"),
+        ({"autoscaling": {"upscale_delay_s": -1}}, "upscale_delay_s"),
+        ({"autoscaling": {"look_back_period_s": 0}}, "look_back_period_s"),
         ({"reasoning_parser": "deepseek"}, "unknown reasoning_parser"),
         ({"nonsense": 1}, "Extra inputs"),
     ],
@@ -44,3 +47,39 @@ def test_builder_makes_an_application(tiny_checkpoint):
 def test_bad_configs_rejected(args, message):
     with pytest.raises(ValidationError, match=message):
         ServeAppConfig.model_validate(args)
+
+
+AUTOSCALING_KNOBS = {
+    "initial_replicas": 2,
+    "upscale_delay_s": 5.0,
+    "downscale_delay_s": 0.0,
+    "look_back_period_s": 10.0,
+    "metrics_interval_s": 2.0,
+}
+
+
+def test_autoscaling_knobs_reach_serve():
+    autoscaling = {"min_replicas": 1, "max_replicas": 3, **AUTOSCALING_KNOBS}
+    options = llm_server_options(ServeAppConfig(autoscaling=autoscaling))
+    assert options["autoscaling_config"] == {**autoscaling, "target_ongoing_requests": 16.0}
+    ray_config = RayAutoscalingConfig(**options["autoscaling_config"])
+    for name, value in AUTOSCALING_KNOBS.items():
+        assert getattr(ray_config, name) == value
+
+
+def test_unset_autoscaling_knobs_are_left_to_ray():
+    options = llm_server_options(ServeAppConfig(autoscaling={"max_replicas": 2}))
+    dumped = options["autoscaling_config"]
+    assert dumped == {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 16.0}
+    ray_config = RayAutoscalingConfig(**dumped)
+    defaults = RayAutoscalingConfig()
+    for name in AUTOSCALING_KNOBS:
+        assert getattr(ray_config, name) == getattr(defaults, name)
+
+
+@pytest.mark.parametrize("initial", [0, 4])
+def test_initial_replicas_outside_bounds_rejected(initial):
+    with pytest.raises(ValueError, match=rf"initial_replicas \({initial}\) .* = \[1, 3\]"):
+        ServeAppConfig(
+            autoscaling={"min_replicas": 1, "max_replicas": 3, "initial_replicas": initial}
+        )

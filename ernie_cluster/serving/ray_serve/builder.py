@@ -48,7 +48,8 @@ def llm_server_options(config: ServeAppConfig) -> dict[str, Any]:
         options["placement_group_bundles"] = [{"CPU": 1}] + [dict(worker)] * world
         options["placement_group_strategy"] = config.placement_strategy
     if config.autoscaling is not None:
-        options["autoscaling_config"] = config.autoscaling.model_dump()
+        # NOTE: unset (None) fields are left out so Ray applies its own defaults.
+        options["autoscaling_config"] = config.autoscaling.model_dump(exclude_none=True)
     else:
         options["num_replicas"] = config.num_replicas or 1
     return options

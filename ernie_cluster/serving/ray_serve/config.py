@@ -13,6 +13,9 @@ from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES
 
 
 class AutoscalingConfig(BaseModel):
+    """Serve's autoscaling_config of the model deployment. Field names are Ray's
+    (ray.serve.config.AutoscalingConfig); None leaves a field out, so Ray's default applies."""
+
     model_config = ConfigDict(extra="forbid")
 
     min_replicas: int = Field(1, ge=0, description="Fewest model replicas (0 allows scale to zero)")
@@ -20,12 +23,36 @@ class AutoscalingConfig(BaseModel):
     target_ongoing_requests: float = Field(
         16.0, gt=0, description="Requests in flight per replica that autoscaling aims for"
     )
+    initial_replicas: int | None = Field(
+        None, ge=0, description="Replicas started on first deploy (None: min_replicas)"
+    )
+    upscale_delay_s: float | None = Field(
+        None, ge=0, description="Seconds load must stay high before adding replicas (None: 30)"
+    )
+    downscale_delay_s: float | None = Field(
+        None, ge=0, description="Seconds load must stay low before removing replicas (None: 600)"
+    )
+    look_back_period_s: float | None = Field(
+        None, gt=0, description="Window the load metrics are averaged over (None: 30)"
+    )
+    metrics_interval_s: float | None = Field(
+        None,
+        gt=0,
+        description="How often replicas report load (None: 10; deprecated in Ray in favour of "
+        "RAY_SERVE_*_AUTOSCALING_METRIC_PUSH_INTERVAL_S)",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingConfig:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) must be <= max_replicas ({self.max_replicas})"
+            )
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({initial}) must be within [min_replicas, max_replicas] "
+                f"= [{self.min_replicas}, {self.max_replicas}]"
             )
         return self
 

@@ -100,7 +100,16 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $s.toolCallParser }}
 {{- $_ := set $args "tool_call_parser" $s.toolCallParser }}
 {{- end }}
-{{- $_ := set $args "autoscaling" (dict "min_replicas" (int $s.autoscaling.minReplicas) "max_replicas" (int $s.autoscaling.maxReplicas) "target_ongoing_requests" $s.autoscaling.targetOngoingRequests) }}
+{{- $a := $s.autoscaling }}
+{{- $autoscaling := dict "min_replicas" (int $a.minReplicas) "max_replicas" (int $a.maxReplicas) "target_ongoing_requests" $a.targetOngoingRequests }}
+{{- /* NOTE: null or absent leaves the key out (Ray's default); 0 is a real value, so no `if`. */}}
+{{- if not (kindIs "invalid" $a.upscaleDelayS) }}
+{{- $_ := set $autoscaling "upscale_delay_s" $a.upscaleDelayS }}
+{{- end }}
+{{- if not (kindIs "invalid" $a.downscaleDelayS) }}
+{{- $_ := set $autoscaling "downscale_delay_s" $a.downscaleDelayS }}
+{{- end }}
+{{- $_ := set $args "autoscaling" $autoscaling }}
 {{- $_ := set $args "ingress_replicas" (int $s.ingressReplicas) }}
 {{- $_ := set $args "placement_strategy" $s.placementStrategy }}
 {{- toYaml (mergeOverwrite $args (deepCopy ($s.extraArgs | default dict))) }}
