@@ -151,16 +151,55 @@ def serve_config_from_args(args: argparse.Namespace):
     )
 
 
+def serve_without_ray(args: argparse.Namespace, config) -> int:
+    """One process: the engine (W = 1, in-process executor) and the HTTP app under uvicorn."""
+    import asyncio
+
+    import uvicorn
+
+    from ernie_cluster.serving.local_server import build_local_app
+    from ernie_cluster.serving.ray_serve.builder import resolve_model
+
+    if config.tensor_parallel_size != 1 or config.num_replicas or config.autoscaling:
+        raise ValueError(
+            "--no-ray-serve runs one replica of one shard: drop --tensor-parallel-size "
+            f"({config.tensor_parallel_size}) and the replica flags, or use Ray Serve"
+        )
+    model = resolve_model(config)
+    app, engine = build_local_app(
+        config.engine_config(model),
+        max_waiting_requests=config.max_waiting_requests,
+        served_model_names=config.served_model_name or [config.model or "ernie-demo"],
+        reasoning_parser=config.reasoning_parser,
+        tool_call_parser=config.tool_call_parser,
+        api_key=config.api_key,
+        max_request_body_bytes=config.max_request_body_bytes,
+    )
+    print(
+        f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 (one process, "
+        f"model {config.served_model_name or [config.model or 'ernie-demo']}); Ctrl-C stops",
+        flush=True,
+    )
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        asyncio.run(engine.shutdown())
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
+
+    config = serve_config_from_args(args)
+    if args.no_ray_serve:
+        return serve_without_ray(args, config)
 
     import ray
     from ray import serve
 
     from ernie_cluster.serving.ray_serve.builder import build_app
 
-    config = serve_config_from_args(args)
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {"num_cpus": args.num_cpus}
     if not address and args.host in ("127.0.0.1", "localhost"):
@@ -236,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         "no session affinity",
     )
     g.add_argument(
+        "--no-ray-serve",
+        action="store_true",
+        help="serve from this one process with uvicorn, without Ray (one replica, W = 1): "
+        "the smallest footprint, e.g. a single-GPU box",
+    )
+    g.add_argument(
         "--ray-address",
         default=None,
         help="join this Ray cluster (default: RAY_ADDRESS, else start one)",
@@ -281,6 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--seed", type=int, default=None)
     gen.set_defaults(func=cmd_generate)
+
+    from ernie_cluster.cli.bench import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -292,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
 """Serving without Ray Serve: the engine and the HTTP app in one process (uvicorn).
 
-Used by tests and by `ernie-cluster serve --no-ray-serve` for the smallest footprint; the
+Used by tests, benchmarks and `ernie-cluster serve --no-ray-serve` (smallest footprint); the
 HTTP behaviour is the same app the Ray Serve ingress runs.
 """
 

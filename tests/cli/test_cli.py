@@ -143,3 +143,11 @@ def test_serve_command_answers_then_stops(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+
+
+def test_serve_without_ray_refuses_shards_and_replicas(capsys):
+    from ernie_cluster.cli.main import main
+
+    assert main(["serve", "--no-ray-serve", "--tensor-parallel-size", "2"]) == 2
+    assert "--tensor-parallel-size (2)" in capsys.readouterr().err
+    assert main(["serve", "--no-ray-serve", "--num-replicas", "2"]) == 2

@@ -1,0 +1,1 @@
+"""Load generation and load tests: `ernie-cluster bench serve | autoscale | long-session`."""
