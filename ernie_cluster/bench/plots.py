@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,10 +13,10 @@ from ernie_cluster.bench.client import RequestResult
 
 def check_plotting() -> None:
     """Fail before a run, not after it, when the figures cannot be drawn."""
-    _pyplot()
+    pyplot()
 
 
-def _pyplot():
+def pyplot():
     try:
         import matplotlib
     except ImportError as exc:
@@ -29,7 +31,7 @@ def _pyplot():
 
 def plot_latencies(results: Sequence[RequestResult], path: Path, title: str) -> Path:
     """Histograms of TTFT, TPOT, ITL and end-to-end latency (ms) with p50/p99 marks."""
-    plt = _pyplot()
+    plt = pyplot()
     ok = [r for r in results if r.ok]
     series = {
         "time to first token (ms)": [r.ttft * 1e3 for r in ok if r.ttft is not None],
@@ -59,7 +61,7 @@ def plot_latencies(results: Sequence[RequestResult], path: Path, title: str) -> 
 
 def plot_throughput(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     """Output tokens/s, finished and failed requests and requests in flight per second."""
-    plt = _pyplot()
+    plt = pyplot()
     t = [row["t"] for row in rows]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     top.plot(t, [row["output_tokens_per_s"] for row in rows], color="#4C72B0")
@@ -71,6 +73,83 @@ def plot_throughput(rows: Sequence[dict[str, Any]], path: Path, title: str) -> P
     bottom.set_xlabel("seconds since start")
     bottom.set_ylabel("requests per bucket")
     bottom.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_autoscale_timeline(
+    samples: Sequence[dict[str, Any]], phases: dict[str, float], path: Path, title: str
+) -> Path:
+    """Four stacked panels over time: replicas, users and in-flight requests, engine queues,
+    recent latencies; the load's phases are shaded behind them."""
+    plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    t = [s["t"] for s in samples]
+
+    def series(key: str) -> list[float]:
+        return [math.nan if s[key] is None else s[key] for s in samples]
+
+    fig, axes = plt.subplots(4, 1, figsize=(11, 11), sharex=True)
+    replicas, users, queue, latency = axes
+    replicas.step(t, series("running_replicas"), where="post", label="RUNNING", lw=2)
+    replicas.step(t, series("starting_replicas"), where="post", label="STARTING")
+    replicas.step(t, series("stopping_replicas"), where="post", label="STOPPING")
+    replicas.step(
+        t, series("target_replicas"), where="post", label="autoscaler target", ls="--", c="k"
+    )
+    replicas.set_ylabel("replicas")
+    replicas.set_title(title, pad=16)
+    users.step(t, series("target_concurrency"), where="post", label="users (target)", c="k")
+    users.plot(t, series("in_flight"), label="requests in flight (client)")
+    failed = [s["t"] for i, s in enumerate(samples) if i and s["failed"] > samples[i - 1]["failed"]]
+    if failed:
+        users.plot(failed, [0] * len(failed), "rx", label="failed requests")
+    users.set_ylabel("requests")
+    queue.plot(t, series("engine_running"), label="running (engines)")
+    queue.plot(t, series("engine_waiting"), label="waiting (engines)")
+    queue.set_ylabel("engine queue")
+    for key, label in (
+        ("ttft_p50_ms", "TTFT p50"),
+        ("ttft_p90_ms", "TTFT p90"),
+        ("e2el_p50_ms", "E2EL p50"),
+        ("e2el_p90_ms", "E2EL p90"),
+    ):
+        latency.plot(t, series(key), label=label)
+    latency.set_ylabel("ms (recent requests)")
+    latency.set_xlabel("seconds since the load started")
+    edges = [
+        0.0,
+        phases["ramp_up_end_s"],
+        phases["hold_end_s"],
+        phases["ramp_down_end_s"],
+        phases["load_end_s"],
+    ]
+    shades = ("#dfe9f5", "#f5e3d0", "#dfe9f5", "#e8f2e0")
+    names = ("ramp up", "hold", "ramp down", "tail")
+    for ax in axes:
+        for (start, end), colour in zip(itertools.pairwise(edges), shades, strict=True):
+            ax.axvspan(start, end, color=colour, alpha=0.6, lw=0)
+        ax.legend(fontsize=8, loc="upper right")
+        ax.grid(alpha=0.3)
+    for (start, end), name in zip(itertools.pairwise(edges), names, strict=True):
+        if end > start:
+            replicas.text(
+                (start + end) / 2,
+                1.01,
+                name,
+                transform=replicas.get_xaxis_transform(),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="dimgray",
+            )
+    if phases["hold_start_s"] > phases["ramp_up_end_s"]:
+        # The hold waited this long for the most replicas to run.
+        replicas.axvline(phases["hold_start_s"], color="dimgray", ls=":", lw=1)
+    replicas.yaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

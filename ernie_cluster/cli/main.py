@@ -147,6 +147,7 @@ def serve_config_from_args(args: argparse.Namespace):
         num_replicas=args.num_replicas,
         autoscaling=autoscaling,
         single_hop=args.single_hop,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
         **{k: v for k, v in engine.items() if k in ServeAppConfig.model_fields},
     )
 
@@ -314,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds load must stay below target before a replica is removed "
         "(default: Ray's 600); implies autoscaling",
+    )
+    s_.add_argument(
+        "--graceful-shutdown-timeout-s",
+        type=float,
+        default=300.0,
+        help="seconds a model replica being removed may finish its requests (default 300)",
     )
     srv.set_defaults(func=cmd_serve)
 

@@ -83,3 +83,18 @@ def test_initial_replicas_outside_bounds_rejected(initial):
         ServeAppConfig(
             autoscaling={"min_replicas": 1, "max_replicas": 3, "initial_replicas": initial}
         )
+
+
+def test_model_replicas_drain_long_generations_on_scale_down():
+    from ray import serve
+
+    from ernie_cluster.serving.ray_serve.deployments import LLMServer
+
+    default = llm_server_options(ServeAppConfig())
+    assert default["graceful_shutdown_timeout_s"] == 300.0  # Ray's own 20 s cuts streams off
+    options = llm_server_options(ServeAppConfig(graceful_shutdown_timeout_s=45))
+    deployment = serve.deployment(LLMServer, **options)
+    # NOTE: a private attribute, but the only place Serve keeps the value it will apply.
+    assert deployment._deployment_config.graceful_shutdown_timeout_s == 45.0
+    with pytest.raises(ValidationError, match="graceful_shutdown_timeout_s"):
+        ServeAppConfig(graceful_shutdown_timeout_s=-1)

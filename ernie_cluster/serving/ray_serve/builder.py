@@ -37,6 +37,7 @@ def llm_server_options(config: ServeAppConfig) -> dict[str, Any]:
         "request_router_config": RequestRouterConfig(request_router_class=SessionAffinityRouter),
         "health_check_period_s": 5,
         "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": config.graceful_shutdown_timeout_s,
     }
     if world == 1:
         options["ray_actor_options"] = (

@@ -91,6 +91,13 @@ class ServeAppConfig(BaseModel):
         None, ge=1, description="Fixed replica count (exclusive with autoscaling)"
     )
     autoscaling: AutoscalingConfig | None = None
+    graceful_shutdown_timeout_s: float = Field(
+        300.0,
+        ge=0,
+        description="How long a model replica being removed (scale-down, redeploy) may keep "
+        "finishing its requests before Serve kills it; Ray's own default (20 s) would cut off "
+        "long generations",
+    )
     ingress_replicas: int = Field(1, ge=1)
     single_hop: bool = Field(
         False,
