@@ -1,4 +1,8 @@
-"""Time one `Sampler` call at B=256, V=32000: all-greedy and a mixed-parameter batch.
+"""Time one `Sampler` call at B=256, V=32000: all-greedy, a mixed-parameter batch, and a
+uniform batch (every row temperature 0.8, top-k 50, top-p 0.95, repetition penalty 1.1)
+against transformers' own sampling path for the same settings in the same run (its logits
+processors over the batch, softmax, `torch.multinomial`; transformers cannot mix settings
+per row, so the mixed batch has no peer).
 
 Run: `.venv/bin/python benchmarks/bench_sampler.py [--device cuda]`. Not collected by pytest;
 it backs the per-call timings quoted for the sampler.
@@ -34,6 +38,38 @@ def mixed_params(i: int) -> SamplingParams:
     ][i % 8]
 
 
+UNIFORM = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.1}
+
+
+def transformers_sampler(states: list[SamplingState], device: str):
+    """transformers' `generate` sampling step for UNIFORM: processors, softmax, multinomial."""
+    from transformers import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(UNIFORM["repetition_penalty"]),
+            TemperatureLogitsWarper(UNIFORM["temperature"]),
+            TopKLogitsWarper(UNIFORM["top_k"]),
+            TopPLogitsWarper(UNIFORM["top_p"]),
+        ]
+    )
+    input_ids = torch.tensor(
+        [list(s.prompt_token_ids) + list(s.output_token_ids) for s in states], device=device
+    )
+
+    def sample(logits: torch.Tensor) -> torch.Tensor:
+        scores = processors(input_ids, logits.clone())
+        return torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+
+    return sample
+
+
 def build_states(make_params, device: str) -> list[SamplingState]:
     rng = random.Random(0)
     states = []
@@ -55,15 +91,24 @@ def main() -> None:
     cases = {
         "greedy": build_states(lambda i: SamplingParams(temperature=0.0), args.device),
         "mixed": build_states(mixed_params, args.device),
+        "uniform": build_states(lambda i: SamplingParams(**UNIFORM), args.device),
     }
     print(f"device={args.device} threads={torch.get_num_threads()} B={BATCH} V={VOCAB}")
+
+    def per_call(fn) -> float:
+        fn()  # warm-up
+        return min(timeit.repeat(fn, number=args.number, repeat=3)) / args.number
+
+    timings = {}
     for name, states in cases.items():
-        sampler(logits, states)  # warm-up
-        seconds = (
-            min(timeit.repeat(lambda s=states: sampler(logits, s), number=args.number, repeat=3))
-            / args.number
-        )
-        print(f"{name:>7}: {seconds * 1e3:.2f} ms/call")
+        timings[name] = per_call(lambda s=states: sampler(logits, s))
+        print(f"{name:>7}: {timings[name] * 1e3:.2f} ms/call")
+    peer = transformers_sampler(cases["uniform"], args.device)
+    theirs = per_call(lambda: peer(logits))
+    print(
+        f"uniform, transformers' processors + multinomial: {theirs * 1e3:.2f} ms/call; "
+        f"ours {timings['uniform'] * 1e3:.2f} ms/call: {theirs / timings['uniform']:.2f}x"
+    )
 
 
 if __name__ == "__main__":
