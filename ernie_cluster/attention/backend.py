@@ -29,6 +29,52 @@ class AttentionBackend(Protocol):
         ...
 
 
+# NOTE: PyTorch's blocked CPU attention kernel, which also returns the log-sum-exp of each
+# query's scores; private, so looked up once and optional.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def prefix_then_causal(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention of a prefill chunk after a cached prefix, without a mask.
+
+    q [n, Hq, D]; keys/values [ctx, Hkv, D] whose last n rows are the chunk's own -> [n, Hq, D].
+    A [n, ctx] mask would send SDPA to its unblocked math path, which materialises every
+    score (2K x 32K per head for a late turn of a long chat). Instead: the prefix is attended
+    without a mask (the g query heads of a kv head stacked along the query axis, so no key is
+    copied), the chunk causally against itself, and the two merged by their log-sum-exps.
+    """
+    n, num_heads, head_dim = q.shape
+    num_kv_heads = keys.shape[1]
+    group = num_heads // num_kv_heads
+    prefix_len = keys.shape[0] - n
+    # [1, Hkv, g * n, D]: query heads h = kv * g + j, as enable_gqa pairs them
+    grouped = q.transpose(0, 1).reshape(1, num_kv_heads, group * n, head_dim)
+    prefix_out, prefix_lse = _CPU_FLASH(
+        grouped,
+        keys[:prefix_len].transpose(0, 1)[None],
+        values[:prefix_len].transpose(0, 1)[None],
+        scale=scale,
+    )[:2]
+    own_keys = keys[prefix_len:].repeat_interleave(group, dim=1)  # [n, Hq, D]
+    own_values = values[prefix_len:].repeat_interleave(group, dim=1)
+    own_out, own_lse = _CPU_FLASH(
+        q.transpose(0, 1)[None],
+        own_keys.transpose(0, 1)[None],
+        own_values.transpose(0, 1)[None],
+        is_causal=True,
+        scale=scale,
+    )[:2]
+    prefix_out = prefix_out.reshape(num_heads, n, head_dim).float()  # [Hq, n, D]
+    prefix_lse = prefix_lse.reshape(num_heads, n, 1).float()
+    own_out, own_lse = own_out[0].float(), own_lse[0].unsqueeze(-1).float()
+    top = torch.maximum(prefix_lse, own_lse)
+    prefix_w, own_w = torch.exp(prefix_lse - top), torch.exp(own_lse - top)
+    merged = (prefix_out * prefix_w + own_out * own_w) / (prefix_w + own_w)
+    return merged.transpose(0, 1).to(q.dtype)
+
+
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
     kv_cache[0].index_copy_(0, slots, k.to(kv_cache.dtype))
     kv_cache[1].index_copy_(0, slots, v.to(kv_cache.dtype))
@@ -56,6 +102,10 @@ class TorchPagedAttention:
         for span in meta.prefills:
             keys = blocks[0, span.block_ids].flatten(0, 1)[: span.context_len]  # [ctx, Hkv, D]
             values = blocks[1, span.block_ids].flatten(0, 1)[: span.context_len]
+            if span.mask is not None and _CPU_FLASH is not None and q.device.type == "cpu":
+                attn = prefix_then_causal(q[span.start : span.stop], keys, values, scale)
+                out[span.start : span.stop] = attn
+                continue
             queries = q[span.start : span.stop].transpose(0, 1)[None]  # [1, Hq, n, D]
             attn = F.scaled_dot_product_attention(
                 queries,
