@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 
 from ernie_cluster.checkpoints.presets import PRESETS
@@ -188,6 +189,10 @@ def serve_without_ray(args: argparse.Namespace, config) -> int:
     return 0
 
 
+def _stop_on_signal(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
@@ -206,6 +211,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not address and args.host in ("127.0.0.1", "localhost"):
         local["_node_ip_address"] = "127.0.0.1"  # a loopback server keeps its Ray on loopback
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
+    # NOTE: SIGTERM (docker stop, Kubernetes, a supervisor) must shut Serve and Ray down like
+    # Ctrl-C does; SIGINT may arrive set to "ignore" (a background job). Installed after
+    # ray.init, which sets a SIGTERM handler of its own.
+    signal.signal(signal.SIGTERM, _stop_on_signal)
+    signal.signal(signal.SIGINT, _stop_on_signal)
     try:  # Ctrl-C during start-up must clean up too
         serve.start(http_options={"host": args.host, "port": args.port})
         serve.run(build_app(config), name="ernie", route_prefix="/", blocking=False)
