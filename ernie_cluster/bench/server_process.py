@@ -53,7 +53,12 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         # NOTE: another process may take the free port before the server binds it; retry.
         for attempt in range(1, self.attempts + 1):
-            if self._start():
+            try:
+                started = self._start()
+            except BaseException:  # Ctrl-C while it starts: the child must not outlive us
+                self.stop()
+                raise
+            if started:
                 return self
             self.stop()
             if attempt == self.attempts:
