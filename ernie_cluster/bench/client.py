@@ -153,6 +153,7 @@ async def send_request(
         max_tokens=request.max_tokens,
     )
     last_output_at: float | None = None
+    finished_at: float | None = None
     done = False
     try:
         async with http.stream(
@@ -186,6 +187,10 @@ async def send_request(
                     last_output_at = now
                     result.text += text
                     result.reasoning += reasoning
+                if finished_at is None and any(
+                    c.get("finish_reason") for c in chunk.get("choices") or []
+                ):
+                    finished_at = time.perf_counter()
                 usage = chunk.get("usage")
                 if usage:
                     result.prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -207,7 +212,13 @@ async def send_request(
         result.status, result.error = "incomplete", "the stream ended without [DONE]"
         return result
     if result.ttft is None:
-        result.status, result.error = "no_output", "the response carried no output token"
-        return result
+        if not (result.output_tokens and finished_at is not None):
+            result.status, result.error = "no_output", "the response carried no output token"
+            return result
+        # NOTE: tokens that decode to no text (special tokens, a random model's output) are
+        # streamed as nothing; the chunk that finishes the answer bounds the first token.
+        result.ttft = finished_at - start
+    result.ok, result.status = True, "200"
+    return result
     result.ok, result.status = True, "200"
     return result

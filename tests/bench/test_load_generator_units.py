@@ -366,3 +366,20 @@ def test_client_records_broken_streams(body, status):
     request = BenchRequest(max_tokens=3, messages=[{"role": "user", "content": "q"}])
     got = run_client(app, request, settings)
     assert not got.ok and got.status == status and got.error
+
+
+def test_tokens_without_text_still_count():
+    """A random model may emit only special tokens: no visible delta, but usage counts them."""
+    finish = {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}}
+
+    async def app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": sse(finish, usage)})
+
+    settings = RequestSettings(base_url="http://test", model="m")
+    request = BenchRequest(max_tokens=3, messages=[{"role": "user", "content": "q"}])
+    got = run_client(app, request, settings)
+    assert got.ok and got.output_tokens == 3 and got.ttft is not None and got.itls == []
