@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ernie_cluster.bench.plots import pyplot
+from ernie_cluster.bench.plots import pyplot, save_figure
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -157,7 +157,4 @@ def plot_long_session(runs: dict[str, dict[str, Any]], path: Path, config: Any) 
     bottom.set_ylabel("prompt tokens computed (not cached)")
     bottom.set_xlabel("context length of the turn (prompt tokens)")
     bottom.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

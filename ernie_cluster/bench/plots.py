@@ -29,6 +29,14 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Lay out, write as PNG and free the figure."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)
+    return path
+
+
 def plot_latencies(results: Sequence[RequestResult], path: Path, title: str) -> Path:
     """Histograms of TTFT, TPOT, ITL and end-to-end latency (ms) with p50/p99 marks."""
     plt = pyplot()
@@ -53,10 +61,7 @@ def plot_latencies(results: Sequence[RequestResult], path: Path, title: str) -> 
             ax.axvline(mark, color="black", linestyle=style, label=f"p{round(q * 100)} {mark:.1f}")
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_throughput(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
@@ -73,10 +78,7 @@ def plot_throughput(rows: Sequence[dict[str, Any]], path: Path, title: str) -> P
     bottom.set_xlabel("seconds since start")
     bottom.set_ylabel("requests per bucket")
     bottom.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_autoscale_timeline(
@@ -150,7 +152,4 @@ def plot_autoscale_timeline(
         # The hold waited this long for the most replicas to run.
         replicas.axvline(phases["hold_start_s"], color="dimgray", ls=":", lw=1)
     replicas.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
