@@ -30,11 +30,11 @@ from ernie_cluster.bench.autoscale_timeline import (
     Sample,
     collapse_runs,
 )
-from ernie_cluster.bench.client import RequestSettings
+from ernie_cluster.bench.client import RequestSettings, auth_headers, served_model
 from ernie_cluster.bench.datasets import RandomDataset, TextSampler
 from ernie_cluster.bench.metrics import summarize
 from ernie_cluster.bench.runner import LoadSpec, run_load
-from ernie_cluster.bench.serve_bench import load_bench_tokenizer, served_model
+from ernie_cluster.bench.serve_bench import load_bench_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ def _run(config: AutoscaleTestConfig, target: Target, tokenizer) -> dict[str, An
         if at_min(sample, target.min_replicas):
             profile.mark_scaled_down(sample.t)
 
-    headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else {}
+    headers = auth_headers(config.api_key)
     t0 = time.perf_counter()
     monitor = Monitor(
         target.app,

@@ -13,9 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from ernie_cluster.bench.autoscale_timeline import replica_counts
+from ernie_cluster.bench.client import wait_until_serving
 
 if TYPE_CHECKING:
     from ernie_cluster.bench.autoscale import AutoscaleTestConfig
@@ -110,7 +109,11 @@ def _deploy(config: AutoscaleTestConfig) -> Iterator[Target]:
         deployed = True
         serve.run(build_app(app_config), name=config.app, route_prefix=prefix, blocking=False)
         base_url = f"http://{host}:{port}{prefix.rstrip('/')}"
-        wait_until_serving(base_url, config.api_key, READY_TIMEOUT_S)
+        problem = wait_until_serving(base_url, config.api_key, READY_TIMEOUT_S)
+        if problem is not None:
+            raise TimeoutError(
+                f"{base_url} did not serve /v1/models within {READY_TIMEOUT_S:.0f} s ({problem})"
+            )
         yield Target(base_url, config.app, deployment, config.min_replicas, config.max_replicas)
     finally:
         try:
@@ -171,23 +174,6 @@ def live_bounds(app: str, deployment: str) -> tuple[int, int] | None:
     except Exception as exc:
         logger.debug("no live autoscaling bounds: %s", exc)
         return None
-
-
-def wait_until_serving(base_url: str, api_key: str | None, timeout_s: float) -> None:
-    """Until /v1/models answers: serve.run returns before every proxy has the route."""
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(f"{base_url}/v1/models", headers=headers, timeout=10)
-            if response.status_code == 200:
-                return
-            last = f"HTTP {response.status_code}"
-        except httpx.HTTPError as exc:
-            last = repr(exc)
-        time.sleep(0.5)
-    raise TimeoutError(f"{base_url} did not serve /v1/models within {timeout_s:.0f} s ({last})")
 
 
 def wait_for_replicas(target: Target, count: int, timeout_s: float, period_s: float) -> bool:

@@ -1,4 +1,5 @@
-"""One streamed OpenAI request, timed: the load generator's only contact with the server.
+"""The load generator's contact with a server: one streamed OpenAI request, timed, plus the
+`/v1/models` calls that find the served model and wait for a server to come up.
 
 Speaks plain HTTP + server-sent events (httpx), so it measures any OpenAI-compatible server
 the same way and sees every status code. Time to first token is the first chunk that
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -88,6 +90,52 @@ class RequestResult:
         return data
 
 
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def models_url(base_url: str) -> str:
+    return base_url.rstrip("/") + "/v1/models"
+
+
+def served_model(base_url: str, api_key: str | None) -> str:
+    """The first model `base_url` serves; ValueError when it cannot say."""
+    url = models_url(base_url)
+    try:
+        response = httpx.get(url, headers=auth_headers(api_key), timeout=30)
+    except httpx.TransportError as exc:
+        raise ValueError(f"cannot reach {url}: {exc!r}") from exc
+    if response.status_code != 200:
+        raise ValueError(f"GET {url} answered {response.status_code}: {response.text[:300]}")
+    models = response.json().get("data") or []
+    if not models:
+        raise ValueError(f"{base_url} serves no model")
+    return models[0]["id"]
+
+
+def wait_until_serving(
+    base_url: str,
+    api_key: str | None,
+    timeout_s: float,
+    alive: Callable[[], bool] = lambda: True,
+    period_s: float = 0.5,
+) -> str | None:
+    """Poll `/v1/models` until it answers 200. None once it does; else, when `timeout_s`
+    passes or `alive()` turns False, the last thing it saw."""
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline and alive():
+        try:
+            response = httpx.get(models_url(base_url), headers=auth_headers(api_key), timeout=10)
+            if response.status_code == 200:
+                return None
+            last = f"HTTP {response.status_code}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(period_s)
+    return last if alive() else f"the server exited ({last})"
+
+
 def request_body(request: BenchRequest, settings: RequestSettings) -> dict[str, Any]:
     body: dict[str, Any] = {
         "model": settings.model,
@@ -139,9 +187,7 @@ async def send_request(
     http: httpx.AsyncClient, request: BenchRequest, settings: RequestSettings, t0: float
 ) -> RequestResult:
     """Send `request`, stream the answer, and time it against the run's start `t0`."""
-    headers = {}
-    if settings.api_key:
-        headers["Authorization"] = f"Bearer {settings.api_key}"
+    headers = auth_headers(settings.api_key)
     if request.session_id:
         headers[SESSION_HEADER] = request.session_id
     body = request_body(request, settings)

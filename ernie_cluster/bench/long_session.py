@@ -24,9 +24,14 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from ernie_cluster.bench.client import RequestResult, RequestSettings, send_request
+from ernie_cluster.bench.client import (
+    RequestResult,
+    RequestSettings,
+    send_request,
+    served_model,
+)
 from ernie_cluster.bench.datasets import BenchRequest, Conversation, Reply, TextSampler
-from ernie_cluster.bench.serve_bench import load_bench_tokenizer, served_model
+from ernie_cluster.bench.serve_bench import load_bench_tokenizer
 from ernie_cluster.bench.server_process import ServerProcess
 
 logger = logging.getLogger(__name__)

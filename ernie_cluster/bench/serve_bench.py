@@ -16,9 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from ernie_cluster.bench.client import RequestSettings
+from ernie_cluster.bench.client import RequestSettings, served_model
 from ernie_cluster.bench.datasets import JsonlDataset, MultiTurnDataset, RandomDataset, TextSampler
 from ernie_cluster.bench.metrics import parse_slos, summarize, timeline
 from ernie_cluster.bench.runner import LoadRun, LoadSpec, run_load
@@ -75,21 +73,6 @@ class ServeBenchConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         parse_slos(self.goodput)
-
-
-def served_model(base_url: str, api_key: str | None) -> str:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    url = base_url.rstrip("/") + "/v1/models"
-    try:
-        response = httpx.get(url, headers=headers, timeout=30)
-    except httpx.TransportError as exc:
-        raise ValueError(f"cannot reach {url}: {exc!r}") from exc
-    if response.status_code != 200:
-        raise ValueError(f"GET {url} answered {response.status_code}: {response.text[:300]}")
-    models = response.json().get("data") or []
-    if not models:
-        raise ValueError(f"{base_url} serves no model")
-    return models[0]["id"]
 
 
 def load_bench_tokenizer(name: str | None):

@@ -8,12 +8,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
-
+from ernie_cluster.bench.client import wait_until_serving
 from ernie_cluster.distributed.process_group import free_port
 
 HOST = "127.0.0.1"
@@ -81,17 +79,14 @@ class ServerProcess:
             self.process = subprocess.Popen(
                 self.command(HOST, self.port), stdout=log, stderr=subprocess.STDOUT
             )
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                if httpx.get(f"{self.base_url}/v1/models", timeout=2).status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        return False
+        problem = wait_until_serving(
+            self.base_url,
+            None,
+            self.start_timeout_s,
+            alive=lambda: self.process.poll() is None,
+            period_s=0.25,
+        )
+        return problem is None
 
     def stop(self, timeout_s: float = 20.0) -> None:
         if self.process is None or self.process.poll() is not None:
