@@ -80,11 +80,10 @@ class RequestResult:
             return None
         return (self.end - self.start - self.ttft) / (self.output_tokens - 1)
 
-    def to_json(self, with_text: bool = False) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        """The timings and counts (not the answer's text)."""
         data = asdict(self)
-        if not with_text:
-            data.pop("text")
-            data.pop("reasoning")
+        del data["text"], data["reasoning"]
         data["e2el"] = self.e2el
         data["tpot"] = self.tpot
         return data

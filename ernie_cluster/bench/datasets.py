@@ -27,7 +27,6 @@ class BenchRequest:
     prompt: str | list[int] | None = None
     session_id: str | None = None
     turn: int = 0
-    expected_prompt_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -167,7 +166,6 @@ class RandomDataset:
                 max_tokens=out_len,
                 messages=[{"role": "user", "content": text}] if self.chat else None,
                 prompt=None if self.chat else ids,
-                expected_prompt_tokens=None if self.chat else in_len,
             )
             yield SingleRequest(request, session_id=f"random-{index}")
             index += 1

@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 from tqdm.auto import tqdm
@@ -53,7 +53,6 @@ class LoadRun:
     results: list[RequestResult]
     duration_s: float
     started_at: float  # wall-clock (time.time()) of t = 0
-    t0: float = field(repr=False, default=0.0)
 
 
 class _Budget:
@@ -83,6 +82,7 @@ async def run_load(
     """Run `sessions` until the budget, deadline or data runs out. An endless dataset needs
     `spec.num_requests` or `spec.duration_s` (or a schedule with an end)."""
     results: list[RequestResult] = []
+    failed = 0
     bar = tqdm(total=spec.num_requests, unit="req", desc="requests", disable=not progress)
     limit = spec.max_concurrency or spec.num_requests or 1024
     http = httpx.AsyncClient(
@@ -100,6 +100,7 @@ async def run_load(
         return next(source, None)
 
     async def drive(session: Session) -> None:
+        nonlocal failed
         previous: Reply | None = None
         while budget.open:
             request = session.next_request(previous)
@@ -113,7 +114,8 @@ async def run_load(
             results.append(result)
             bar.update(1)
             if not result.ok:
-                bar.set_postfix(failed=sum(1 for r in results if not r.ok))
+                failed += 1
+                bar.set_postfix(failed=failed)
             if on_result is not None:
                 on_result(result)
             previous = (
@@ -132,7 +134,7 @@ async def run_load(
         bar.close()
         await http.aclose()
     ends = [r.end for r in results if r.end is not None]
-    return LoadRun(results, max(ends, default=time.perf_counter() - t0), started_at, t0)
+    return LoadRun(results, max(ends, default=time.perf_counter() - t0), started_at)
 
 
 async def _open_loop(spec: LoadSpec, next_session, drive, budget: _Budget) -> None:

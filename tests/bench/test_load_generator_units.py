@@ -140,7 +140,6 @@ def test_random_dataset_lengths(tokenizer):
     assert all(s.next_request(None) is None for s in sessions)  # one turn each
     lengths = [len(r.prompt) for r in requests]
     assert min(lengths) >= 50 and max(lengths) <= 150 and len(set(lengths)) > 20
-    assert all(r.expected_prompt_tokens == len(r.prompt) for r in requests)
     assert all(10 <= r.max_tokens <= 30 for r in requests)
     special = tokenizer.all_special_ids
     assert not any(i in special for r in requests for i in r.prompt)
