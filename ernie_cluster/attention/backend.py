@@ -102,7 +102,7 @@ class TorchPagedAttention:
         for span in meta.prefills:
             keys = blocks[0, span.block_ids].flatten(0, 1)[: span.context_len]  # [ctx, Hkv, D]
             values = blocks[1, span.block_ids].flatten(0, 1)[: span.context_len]
-            if span.mask is not None and _CPU_FLASH is not None and q.device.type == "cpu":
+            if span.has_prefix and _CPU_FLASH is not None and q.device.type == "cpu":
                 attn = prefix_then_causal(q[span.start : span.stop], keys, values, scale)
                 out[span.start : span.stop] = attn
                 continue
@@ -111,8 +111,8 @@ class TorchPagedAttention:
                 queries,
                 keys.transpose(0, 1)[None],
                 values.transpose(0, 1)[None],
-                attn_mask=span.mask,
-                is_causal=span.mask is None,
+                attn_mask=span.mask if span.has_prefix else None,
+                is_causal=not span.has_prefix,
                 scale=scale,
                 enable_gqa=True,
             )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -25,8 +26,22 @@ class PrefillSpan:
     stop: int
     block_ids: torch.Tensor  # [ceil(context_len / block_size)] blocks holding its keys
     context_len: int
-    mask: torch.Tensor | None  # [num_new, context_len] True where query may attend to key;
-    # None when the span has no cached prefix: plain causal attention, no mask to build
+
+    @property
+    def has_prefix(self) -> bool:
+        """Whether keys precede the new tokens (cached or earlier chunks); without, attention
+        is plain causal."""
+        return self.stop - self.start < self.context_len
+
+    @cached_property
+    def mask(self) -> torch.Tensor:
+        """[num_new, context_len] True where a query may attend to a key. Built on first use
+        and kept for the step's other layers: only backends without a mask-free path for
+        spans with a prefix ask for it (2K x 32K is 64 MB)."""
+        num_new = self.stop - self.start
+        key_pos = torch.arange(self.context_len, device=self.block_ids.device)
+        query_pos = key_pos[self.context_len - num_new :, None]
+        return key_pos[None, :] <= query_pos
 
 
 @dataclass
@@ -94,14 +109,9 @@ class AttentionMetadata:
         prefills: list[PrefillSpan] = []
         for i in (~is_decode).nonzero().squeeze(-1).tolist():
             q_len, ctx_len = int(q_lens[i]), int(ctx_lens[i])
-            mask = None
-            if q_len < ctx_len:
-                all_pos = torch.arange(ctx_len)
-                query_pos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
-                mask = (all_pos[None, :] <= query_pos).to(device)  # [q_len, ctx_len]
             begin = int(starts[i])
             blocks = padded[i, : -(-ctx_len // block_size)].to(device)
-            prefills.append(PrefillSpan(begin, begin + q_len, blocks, ctx_len, mask))
+            prefills.append(PrefillSpan(begin, begin + q_len, blocks, ctx_len))
         decode_rows = starts[decode_seqs]
         return cls(
             num_tokens=row,

@@ -40,3 +40,32 @@ def test_matches_masked_sdpa(n, prefix, heads, kv_heads, dim, dtype, tol):
     want = masked_reference(q, k, v, dim**-0.5)
     assert got.shape == want.shape and got.dtype == dtype
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+def test_backend_paths_agree_on_a_batch_with_prefixes(monkeypatch):
+    """A step mixing a fresh prompt, a chunk after a cached prefix and a decode: the mask-free
+    path and the masked path (what a backend without it runs) give the same output, and the
+    lazily built mask is the offset-causal one."""
+    from ernie_cluster.attention import backend
+    from ernie_cluster.attention.metadata import AttentionMetadata
+
+    block_size, heads, kv_heads, dim = 4, 4, 2, 8
+    query_lens, context_lens = [5, 3, 1], [5, 11, 7]
+    tables = [[0, 1], [2, 3, 4], [5, 6]]
+    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size)
+    fresh, chunk = meta.prefills
+    assert not fresh.has_prefix and chunk.has_prefix
+    want_mask = torch.arange(11)[None, :] <= torch.arange(8, 11)[:, None]
+    assert torch.equal(chunk.mask, want_mask)
+
+    gen = torch.Generator().manual_seed(0)
+    n = sum(query_lens)
+    q = torch.randn(n, heads, dim, generator=gen)
+    k = torch.randn(n, kv_heads, dim, generator=gen)
+    v = torch.randn(n, kv_heads, dim, generator=gen)
+    cache = torch.randn(2, 7 * block_size, kv_heads, dim, generator=gen)
+    attention = backend.TorchPagedAttention()
+    fast = attention.forward(q, k, v, cache.clone(), meta, dim**-0.5)
+    monkeypatch.setattr(backend, "_CPU_FLASH", None)
+    masked = attention.forward(q, k, v, cache.clone(), meta, dim**-0.5)
+    torch.testing.assert_close(fast, masked, atol=1e-5, rtol=1e-5)
