@@ -84,30 +84,14 @@ class ServingMetrics:
         self.requests = Counter(
             "ernie_requests", "Finished HTTP generation requests", ["status"], registry=r
         )
-        self.ttft = Histogram(
-            "ernie_time_to_first_token_seconds",
-            "Time to first token",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.itl = Histogram(
-            "ernie_inter_token_latency_seconds",
-            "Time between streamed tokens",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.e2e = Histogram(
-            "ernie_e2e_request_latency_seconds",
-            "Request latency",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue = Histogram(
-            "ernie_request_queue_time_seconds",
-            "Time waiting for a batch slot",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+
+        def latency(name: str, help_text: str) -> Histogram:
+            return Histogram(name, help_text, buckets=LATENCY_BUCKETS, registry=r)
+
+        self.ttft = latency("ernie_time_to_first_token_seconds", "Time to first token")
+        self.itl = latency("ernie_inter_token_latency_seconds", "Time between streamed tokens")
+        self.e2e = latency("ernie_e2e_request_latency_seconds", "Request latency")
+        self.queue = latency("ernie_request_queue_time_seconds", "Time waiting for a batch slot")
         self.engine = {
             key: Gauge(name, help_text, ["replica"], registry=r)
             for key, (name, help_text) in ENGINE_GAUGES.items()
