@@ -117,14 +117,24 @@ class TorchPagedAttention:
                 enable_gqa=True,
             )
             out[span.start : span.stop] = attn[0].transpose(0, 1)
-        if meta.num_decodes:
-            table = meta.decode_block_table
-            keys = blocks[0, table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, nb * bs, D]
+        num_decodes = meta.num_decodes
+        if num_decodes:
+            # NOTE: the reference gathers whole padded blocks; the Triton backend reads them
+            # in place (attention/triton_backend).
+            num_blocks = -(-meta.max_decode_seq_len // meta.block_size)
+            table = meta.block_table[:num_decodes, :num_blocks].long()  # [Bd, nb]
+            keys = blocks[0, table].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, nb * bs, D]
             values = blocks[1, table].flatten(1, 2).transpose(1, 2)
-            queries = q[meta.decode_rows].unsqueeze(2)  # [B, Hq, 1, D]
-            mask = meta.decode_mask[:, None, None, :]  # [B, 1, 1, nb * bs]
+            key_pos = torch.arange(num_blocks * meta.block_size, device=q.device)
+            mask = key_pos[None, :] < meta.seq_lens_tensor[:num_decodes, None]  # [Bd, nb*bs]
+            queries = q[:num_decodes].unsqueeze(2)  # [Bd, Hq, 1, D]
             attn = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+                queries,
+                keys,
+                values,
+                attn_mask=mask[:, None, None, :],
+                scale=scale,
+                enable_gqa=True,
             )
-            out[meta.decode_rows] = attn.squeeze(2)
+            out[:num_decodes] = attn.squeeze(2)
         return out

@@ -1,12 +1,15 @@
 """Per-step attention metadata for a flat batch of tokens over a paged KV cache.
 
-Built once per step from each sequence's (number of new tokens, total context length, block
-table) and shared by every layer. Holds index tensors only; never model activations.
+Built once per step and shared by every layer. Two halves: host facts that the scheduler
+already knows (query and context lengths as Python ints, so reading them never waits on the
+device) and device index tensors (slot mapping, query offsets, context lengths, block table)
+that kernels read in place. Holds index tensors only; never model activations.
 
-Layout: the step's tokens are the concatenation of each sequence's new tokens. Sequences
-with one new token (decodes) are attended in one padded batch; sequences with several new
-tokens (prefill chunks) are attended one at a time with a causal mask offset by their cached
-prefix.
+Layout: the step's tokens are the concatenation of each sequence's new tokens. The leading run
+of sequences with exactly one new token are the decodes (rows [0, num_decodes)); every later
+sequence is a prefill span (a fresh prompt, or a chunk after a cached prefix), attended
+causally among its own tokens and fully to the keys before it. The model runner puts decodes
+first; any order is still correct (a late one-token sequence is a one-row span).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 
 @dataclass
 class PrefillSpan:
-    """One sequence with several new tokens: rows [start, stop) of the flat batch."""
+    """One sequence attended as a span: rows [start, stop) of the flat batch."""
 
     start: int
     stop: int
@@ -46,17 +50,68 @@ class PrefillSpan:
 
 @dataclass
 class AttentionMetadata:
-    num_tokens: int
-    slot_mapping: torch.Tensor  # [num_tokens] cache slot for each new token's K/V
-    prefills: list[PrefillSpan]
-    decode_rows: torch.Tensor  # [num_decodes] flat row of each decode token
-    decode_block_table: torch.Tensor  # [num_decodes, max_blocks] (0-padded)
-    decode_mask: torch.Tensor  # [num_decodes, max_blocks * block_size] True for real keys
+    # Host facts (Python ints from the scheduler).
+    query_lens: list[int]  # [B] new tokens of each sequence
+    seq_lens: list[int]  # [B] context length of each sequence, this step's tokens included
     block_size: int
+    # Device tensors.
+    slot_mapping: torch.Tensor  # [N] int64 cache slot for each new token's K/V
+    query_start_loc: torch.Tensor  # [B + 1] int32 first row of each sequence, then N
+    seq_lens_tensor: torch.Tensor  # [B] int32 = seq_lens
+    block_table: torch.Tensor  # [B, max_blocks] int32; row i valid up to its context
+    num_decodes: int = -1
+    """Sequences [0, num_decodes) have one new token each (rows [0, num_decodes)); -1 means
+    "count the leading run of one-token sequences"."""
+
+    def __post_init__(self) -> None:
+        if self.num_decodes < 0:
+            count = 0
+            for q_len in self.query_lens:
+                if q_len != 1:
+                    break
+                count += 1
+            self.num_decodes = count
 
     @property
-    def num_decodes(self) -> int:
-        return int(self.decode_rows.numel())
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @cached_property
+    def num_tokens(self) -> int:
+        return sum(self.query_lens)
+
+    @property
+    def num_prefills(self) -> int:
+        return self.num_seqs - self.num_decodes
+
+    @cached_property
+    def max_query_len(self) -> int:
+        return max(self.query_lens, default=0)
+
+    @cached_property
+    def max_seq_len(self) -> int:
+        return max(self.seq_lens, default=0)
+
+    @cached_property
+    def max_decode_seq_len(self) -> int:
+        return max(self.seq_lens[: self.num_decodes], default=0)
+
+    @cached_property
+    def max_prefill_query_len(self) -> int:
+        return max(self.query_lens[self.num_decodes :], default=0)
+
+    @cached_property
+    def prefills(self) -> list[PrefillSpan]:
+        """The spans after the decodes, with their host offsets and device block ids."""
+        spans: list[PrefillSpan] = []
+        start = self.num_decodes
+        for i in range(self.num_decodes, self.num_seqs):
+            q_len, ctx_len = self.query_lens[i], self.seq_lens[i]
+            num_blocks = -(-ctx_len // self.block_size)
+            block_ids = self.block_table[i, :num_blocks].long()
+            spans.append(PrefillSpan(start, start + q_len, block_ids, ctx_len))
+            start += q_len
+        return spans
 
     @classmethod
     def build(
@@ -67,58 +122,50 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
     ) -> AttentionMetadata:
-        """`context_lens[i]` counts sequence i's tokens including this step's new ones."""
+        """From Python lists (tests, benchmarks). `context_lens[i]` counts sequence i's tokens
+        including this step's new ones. The model runner builds its metadata from its
+        persistent device batch instead (worker/input_batch)."""
         if not len(query_lens) == len(context_lens) == len(block_tables):
             raise ValueError(
                 f"query_lens ({len(query_lens)}), context_lens ({len(context_lens)}) and "
                 f"block_tables ({len(block_tables)}) must have one entry per sequence"
             )
-        num_seqs = len(query_lens)
         for q_len, ctx_len, table in zip(query_lens, context_lens, block_tables, strict=True):
             if not 0 < q_len <= ctx_len or len(table) * block_size < ctx_len:
                 raise ValueError(
                     f"bad sequence: {q_len} new tokens, context {ctx_len}, "
                     f"{len(table)} blocks of {block_size}"
                 )
-        # NOTE: vectorised over the batch: with hundreds of decodes a per-sequence loop of
-        # small tensor ops cost more than the scheduler.
+        num_seqs = len(query_lens)
         max_blocks = max((len(t) for t in block_tables), default=0)
-        padded = torch.tensor(  # [B, max_blocks]
-            [list(t) + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long
-        ).reshape(num_seqs, max_blocks)
-        q_lens = torch.as_tensor(query_lens, dtype=torch.long)
-        ctx_lens = torch.as_tensor(context_lens, dtype=torch.long)
-        starts = torch.cumsum(q_lens, 0) - q_lens  # [B] first row of each sequence
-        row = int(q_lens.sum())
-        seq_of_row = torch.repeat_interleave(torch.arange(num_seqs), q_lens)  # [N]
-        positions = torch.arange(row) - starts[seq_of_row] + (ctx_lens - q_lens)[seq_of_row]
-        slot_mapping = padded[seq_of_row, positions // block_size] * block_size + (
-            positions % block_size
-        )  # [N]
-
-        is_decode = q_lens == 1
-        decode_seqs = is_decode.nonzero().squeeze(-1)
-        # NOTE: decodes gather whole blocks (contiguous block_size-row copies), not slots.
-        decode_blocks = (
-            -(-int(ctx_lens[decode_seqs].max()) // block_size) if (decode_seqs.numel()) else 0
-        )
-        decode_block_table = padded[decode_seqs][:, :decode_blocks]  # [Bd, nb]
-        key_pos = torch.arange(decode_blocks * block_size)
-        key_mask = key_pos[None, :] < ctx_lens[decode_seqs, None]  # [Bd, nb * bs]
-
-        prefills: list[PrefillSpan] = []
-        for i in (~is_decode).nonzero().squeeze(-1).tolist():
-            q_len, ctx_len = int(q_lens[i]), int(ctx_lens[i])
-            begin = int(starts[i])
-            blocks = padded[i, : -(-ctx_len // block_size)].to(device)
-            prefills.append(PrefillSpan(begin, begin + q_len, blocks, ctx_len))
-        decode_rows = starts[decode_seqs]
+        table = np.zeros((num_seqs, max(max_blocks, 1)), dtype=np.int32)  # [B, max_blocks]
+        for i, blocks in enumerate(block_tables):
+            table[i, : len(blocks)] = blocks
+        q_lens = np.asarray(query_lens, dtype=np.int64)
+        ctx_lens = np.asarray(context_lens, dtype=np.int64)
+        slots = slot_mapping_host(q_lens, ctx_lens, table, block_size)
+        starts = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(q_lens, out=starts[1:])
         return cls(
-            num_tokens=row,
-            slot_mapping=slot_mapping.to(device),
-            prefills=prefills,
-            decode_rows=decode_rows.to(device),
-            decode_block_table=decode_block_table.to(device),
-            decode_mask=key_mask.to(device),
+            query_lens=[int(x) for x in query_lens],
+            seq_lens=[int(x) for x in context_lens],
             block_size=block_size,
+            slot_mapping=torch.from_numpy(slots).to(device),
+            query_start_loc=torch.from_numpy(starts).to(device),
+            seq_lens_tensor=torch.from_numpy(ctx_lens.astype(np.int32)).to(device),
+            block_table=torch.from_numpy(table).to(device),
         )
+
+
+def slot_mapping_host(
+    query_lens: np.ndarray, context_lens: np.ndarray, block_table: np.ndarray, block_size: int
+) -> np.ndarray:
+    """[N] int64 cache slot of every new token, from [B] lengths and a [B, max_blocks] table
+    (row i of the table belongs to sequence i). Vectorised: O(N), whatever the contexts."""
+    num_seqs = len(query_lens)
+    seq_of_row = np.repeat(np.arange(num_seqs), query_lens)  # [N]
+    starts = np.cumsum(query_lens) - query_lens  # [B]
+    positions = np.arange(int(query_lens.sum())) - starts[seq_of_row]
+    positions += (context_lens - query_lens)[seq_of_row]  # [N] absolute positions
+    blocks = block_table[seq_of_row, positions // block_size].astype(np.int64)
+    return blocks * block_size + positions % block_size

@@ -50,11 +50,12 @@ def test_backend_paths_agree_on_a_batch_with_prefixes(monkeypatch):
     from ernie_cluster.attention.metadata import AttentionMetadata
 
     block_size, heads, kv_heads, dim = 4, 4, 2, 8
-    query_lens, context_lens = [5, 3, 1], [5, 11, 7]
-    tables = [[0, 1], [2, 3, 4], [5, 6]]
+    query_lens, context_lens = [1, 5, 3], [7, 5, 11]
+    tables = [[5, 6], [0, 1], [2, 3, 4]]
     meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size)
     fresh, chunk = meta.prefills
     assert not fresh.has_prefix and chunk.has_prefix
+    assert meta.num_decodes == 1
     want_mask = torch.arange(11)[None, :] <= torch.arange(8, 11)[:, None]
     assert torch.equal(chunk.mask, want_mask)
 
