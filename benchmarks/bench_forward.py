@@ -38,6 +38,7 @@ from common import (
     spread,
 )
 
+from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.scheduler_output import (
     CachedRequestData,
     NewRequestData,
@@ -131,10 +132,16 @@ class OursRunner:
         self._round = 0
 
     def decode(self, prompts: list[list[int]], steps: int) -> tuple[float, list[list[int]]]:
-        self.runner = ModelRunner(self.model, self.num_blocks, BLOCK_SIZE)  # binds its caches
+        context = len(prompts[0])
+        config = EngineConfig(
+            model="unused",
+            max_model_len=context + steps + BLOCK_SIZE,
+            max_num_seqs=len(prompts),
+            block_size=BLOCK_SIZE,
+        )
+        self.runner = ModelRunner(self.model, self.num_blocks, config)  # binds its caches
         self._round += 1
         params = SamplingParams(temperature=0.0, max_tokens=steps + 1, ignore_eos=True)
-        context = len(prompts[0])
         per_seq = num_blocks(context + steps)
         ids = [f"r{self._round}-{i}" for i in range(len(prompts))]
         prefill = SchedulerOutput(

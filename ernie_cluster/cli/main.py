@@ -10,6 +10,7 @@ import signal
 import sys
 
 from ernie_cluster.checkpoints.presets import PRESETS
+from ernie_cluster.config.engine_config import ATTENTION_BACKENDS
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +64,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-prefix-caching", action="store_true", help="disable automatic prefix caching"
     )
+    g.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.9,
+        help="fraction of each GPU's memory the engine may fill with weights, activations and "
+        "KV cache (default 0.9); the KV cache gets what the profiled rest leaves",
+    )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="paged attention kernels (default auto: triton on CUDA, the torch reference "
+        "elsewhere)",
+    )
+    g.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="run every step eagerly, without capturing CUDA graphs (debugging; saves the "
+        "graphs' memory)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -78,6 +99,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "block_size": args.block_size,
         "num_kv_blocks": args.num_kv_blocks,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "gpu_memory_utilization": args.gpu_memory_utilization,
+        "attention_backend": args.attention_backend,
+        "enforce_eager": args.enforce_eager,
     }
 
 

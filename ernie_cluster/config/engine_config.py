@@ -11,6 +11,8 @@ from dataclasses import dataclass, replace
 
 from ernie_cluster.config.model_config import ErnieMoeConfig
 
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -31,7 +33,18 @@ class EngineConfig:
     num_kv_blocks: int | None = None
     """Explicit KV cache size in blocks; overrides kv_cache_memory_bytes."""
     kv_cache_memory_bytes: int | None = None
-    """KV cache budget per rank; default: 1 GiB on CPU, 90% of free memory on a GPU."""
+    """KV cache budget per rank, used as given (gpu_memory_utilization is then ignored).
+    Default: 1 GiB on CPU; on a GPU, what gpu_memory_utilization leaves after the weights and
+    a profiled forward (worker/kv_cache_sizing)."""
+    gpu_memory_utilization: float = 0.9
+    """Fraction of each GPU's total memory the engine may fill (weights, activations, KV
+    cache); memory other processes hold on the device counts against it. Not used on CPU."""
+    attention_backend: str = "auto"
+    """Paged attention kernels: 'triton', 'torch' (the reference) or 'auto' (triton on CUDA,
+    torch elsewhere)."""
+    enforce_eager: bool = False
+    """Run every step eagerly: no CUDA-graph capture of decode steps (debugging, or to save
+    the graphs' memory)."""
     enable_prefix_caching: bool = True
     seed: int = 0
     """Seed of the default generator used by requests that give no seed."""
@@ -57,6 +70,15 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(
+                f"unknown attention_backend {self.attention_backend!r}; "
+                f"choose one of {list(ATTENTION_BACKENDS)}"
+            )
 
     @property
     def world_size(self) -> int:

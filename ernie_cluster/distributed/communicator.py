@@ -1,8 +1,8 @@
 """Collectives between the ranks of one model instance, over rows of token tensors.
 
 The model calls these and nothing else of torch.distributed, so one rank (W = 1) runs the same
-code with every collective an identity. Works on NCCL (GPU) and gloo (CPU). Uneven
-all-to-all splits are exchanged as counts first. Never holds model state.
+code with every collective an identity. Works on NCCL (GPU) and gloo (CPU). Every split is
+even, so no collective needs sizes read back from the device. Never holds model state.
 """
 
 from __future__ import annotations
@@ -24,8 +24,29 @@ class Communicator:
     def __init__(self, rank: int = 0, world_size: int = 1) -> None:
         self.rank = rank
         self.world_size = world_size
-        # Bytes this rank sent to OTHER ranks, by collective (for the benchmarks and stats).
-        self.bytes_sent: dict[str, int] = {"all_gather": 0, "reduce_scatter": 0, "all_to_all": 0}
+        # Bytes this rank sent to OTHER ranks, by collective, known on the host ...
+        self._host_bytes: dict[str, int] = {
+            "all_gather": 0,
+            "reduce_scatter": 0,
+            "all_to_all": 0,
+            "all_to_all_padded": 0,
+        }
+        # ... and counted on the device where the count is a device value (0-dim int64, made
+        # on first use); added to in place, so CUDA-graph replays count too.
+        self._device_bytes: dict[str, torch.Tensor] = {}
+
+    @property
+    def bytes_sent(self) -> dict[str, int]:
+        """Bytes this rank has sent to OTHER ranks, by collective (benchmarks and stats).
+
+        "all_to_all" counts the rows that carry data, "all_to_all_padded" the whole fixed
+        buffers (what crossed the wire). Reading this waits for the device: read it between
+        steps, never inside one.
+        """
+        totals = dict(self._host_bytes)
+        for name, count in self._device_bytes.items():
+            totals[name] += int(count)
+        return totals
 
     @property
     def is_first(self) -> bool:
@@ -41,7 +62,7 @@ class Communicator:
             return x
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
         _all_gather_single(out, x.contiguous())
-        self.bytes_sent["all_gather"] += x.numel() * x.element_size() * (self.world_size - 1)
+        self._host_bytes["all_gather"] += x.numel() * x.element_size() * (self.world_size - 1)
         return out
 
     def reduce_scatter_rows(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,36 +71,51 @@ class Communicator:
             return x
         out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
         _reduce_scatter_single(out, x.contiguous())
-        self.bytes_sent["reduce_scatter"] += (
+        self._host_bytes["reduce_scatter"] += (
             out.numel() * out.element_size() * (self.world_size - 1)
         )
         return out
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        """Reduce `x` across ranks in place (sum by default) and return it."""
         if self.world_size > 1:
-            dist.all_reduce(x)
+            dist.all_reduce(x, op=op)
         return x
 
-    def exchange_counts(self, send_counts: torch.Tensor) -> torch.Tensor:
-        """send_counts [W] int64 (rows for each rank) -> rows each rank sends to this one."""
-        if self.world_size == 1:
-            return send_counts.clone()
-        recv_counts = torch.empty_like(send_counts)
-        dist.all_to_all_single(recv_counts, send_counts)
-        return recv_counts
-
-    def all_to_all_rows(
-        self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]
+    def all_to_all_fixed(
+        self, x: torch.Tensor, valid_rows: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Rows of `x` grouped by destination rank -> rows received, grouped by source rank."""
+        """[W * C, ...]: block d (rows d*C .. d*C + C) goes to rank d -> [W * C, ...] where block
+        s came from rank s. Equal splits, so no sizes are exchanged and nothing is synced.
+
+        `valid_rows` (0-dim integer tensor on x's device): rows of `x` bound to other ranks that
+        carry data, counted into bytes_sent["all_to_all"] on the device; without it every row
+        bound to another rank counts. bytes_sent["all_to_all_padded"] counts the whole buffer.
+        """
         if self.world_size == 1:
             return x
-        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+        if x.shape[0] % self.world_size:
+            raise ValueError(f"{x.shape[0]} rows do not split evenly over {self.world_size} ranks")
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x.contiguous())
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
-        remote_rows = sum(send_counts) - send_counts[self.rank]
-        self.bytes_sent["all_to_all"] += remote_rows * row_bytes
+        remote_rows = x.shape[0] // self.world_size * (self.world_size - 1)
+        self._host_bytes["all_to_all_padded"] += remote_rows * row_bytes
+        if valid_rows is None:
+            self._host_bytes["all_to_all"] += remote_rows * row_bytes
+        else:
+            self._device_counter("all_to_all", x.device).add_(valid_rows, alpha=row_bytes)
         return out
+
+    def _device_counter(self, name: str, device: torch.device) -> torch.Tensor:
+        counter = self._device_bytes.get(name)
+        if counter is None:
+            # NOTE: a normal tensor even when first used under inference_mode, so the in-place
+            # adds also work outside it (an inference tensor refuses them there).
+            with torch.inference_mode(False):
+                counter = torch.zeros((), dtype=torch.long, device=device)
+            self._device_bytes[name] = counter
+        return counter
 
     def gather_to_first(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
         """Concatenate every rank's `x` along `dim` on rank 0 (others get None)."""

@@ -50,8 +50,9 @@ class Ernie4_5_MoeAttention(nn.Module):
         self.kv_cache: torch.Tensor | None = None  # [2, num_slots, kv_heads, head_dim]
 
     def forward(
-        self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
+        self, cos_sin: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
+        """cos_sin [N, 2, D/2] (the step's RoPE rows), hidden [N, H] -> partial o_proj [N, H]."""
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound: call bind_kv_caches before forward")
         qkv = F.linear(hidden, self.qkv_proj)  # [N, q + 2kv]
@@ -59,7 +60,7 @@ class Ernie4_5_MoeAttention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(positions, q, k)
+        q, k = self.rotary(cos_sin, q, k)
         attn = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)  # [N, Hq, D]
         return F.linear(attn.reshape(-1, self.q_size), self.o_proj)
 

@@ -54,24 +54,28 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
 
     def forward(
         self,
-        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
         hidden: torch.Tensor,
         meta: AttentionMetadata,
         num_valid: int,
     ) -> torch.Tensor:
-        """hidden [n, H]: this rank's token rows (the first `num_valid` are real tokens)."""
-        num_tokens = positions.shape[0]
+        """cos_sin [N, 2, D/2]: RoPE rows of all N tokens; hidden [n, H]: this rank's token rows
+        (the first `num_valid` are real tokens)."""
+        num_tokens = cos_sin.shape[0]
         normed = self.comm.all_gather_rows(self.input_layernorm(hidden))[:num_tokens]  # [N, H]
-        attn = self.self_attn(positions, normed, meta)  # [N, H] partial over heads
+        attn = self.self_attn(cos_sin, normed, meta)  # [N, H] partial over heads
         padding = self.comm.pad_rows(num_tokens) - num_tokens
         if padding:
             attn = F.pad(attn, (0, 0, 0, padding))
         hidden = hidden + self.comm.reduce_scatter_rows(attn)  # [n, H]
         normed = self.post_attention_layernorm(hidden)
+        # NOTE: every rank holds hidden.shape[0] rows (the padded share), the same host int on
+        # all ranks: the MoE exchange sizes its buffers from it without a sync.
+        extra = {"max_local_tokens": hidden.shape[0]} if self.is_moe else {}
         mlp_out = torch.zeros_like(hidden) if num_valid < hidden.shape[0] else None
         if mlp_out is None:
-            return hidden + self.mlp(normed)
-        mlp_out[:num_valid] = self.mlp(normed[:num_valid])
+            return hidden + self.mlp(normed, **extra)
+        mlp_out[:num_valid] = self.mlp(normed[:num_valid], **extra)
         return hidden + mlp_out
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
@@ -112,7 +116,9 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         self.shard = shard
         self.comm = comm
         backend = backend or TorchPagedAttention()
-        rotary = InterleavedRotaryEmbedding(config.head_dim, config.rope_theta)
+        rotary = InterleavedRotaryEmbedding(
+            config.head_dim, config.rope_theta, config.max_position_embeddings
+        )
         self.rotary = rotary
         self.vocab_start, self.vocab_stop = shard.vocab(config)
         self.vocab_per_rank = -(-config.vocab_size // shard.world_size)
@@ -161,8 +167,9 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         """input_ids [N], positions [N] -> this rank's final-normed token rows [n, H]."""
         num_valid = self.num_local_valid(input_ids.shape[0])
         hidden = self._embed(input_ids)
+        cos_sin = self.rotary.cos_sin(positions)  # [N, 2, D/2], shared by every layer
         for layer in self.layers:
-            hidden = layer(positions, hidden, meta, num_valid)
+            hidden = layer(cos_sin, hidden, meta, num_valid)
         return self.norm(hidden)
 
     @torch.inference_mode()

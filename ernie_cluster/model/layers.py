@@ -27,20 +27,46 @@ class RMSNorm(nn.Module):
 
 
 class InterleavedRotaryEmbedding(nn.Module):
-    """GPT-J style RoPE: rotates adjacent pairs (2i, 2i+1); computed in float32."""
+    """GPT-J style RoPE: rotates adjacent pairs (2i, 2i+1); computed in float32.
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    cos and sin of every position below `max_positions` are computed once, at construction
+    (`extend` grows the table for a longer max_model_len). The model gathers its step's rows
+    once with `cos_sin` and every layer rotates with them.
+    """
+
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
+        self.register_buffer("cos_sin_cache", self._table(max_positions), persistent=False)
+
+    def _table(self, num_positions: int) -> torch.Tensor:
+        """[P, 2, D/2] float32 cos (index 0) and sin (index 1) of positions [0, P)."""
+        # NOTE: the same float32 ops, element by element, as computing them from each step's
+        # positions, so the values are bit-identical to that.
+        positions = torch.arange(num_positions, device=self.inv_freq.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [P, D/2]
+        return torch.stack((freqs.cos(), freqs.sin()), dim=1)
+
+    @property
+    def max_positions(self) -> int:
+        return self.cos_sin_cache.shape[0]
+
+    def extend(self, num_positions: int) -> None:
+        """Cover positions [0, num_positions) (a max_model_len beyond the config's)."""
+        if num_positions > self.max_positions:
+            self.cos_sin_cache = self._table(num_positions)
+
+    def cos_sin(self, positions: torch.Tensor) -> torch.Tensor:
+        """positions [N] (each < max_positions) -> [N, 2, D/2] float32 cos and sin."""
+        return self.cos_sin_cache[positions]
 
     def forward(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+        self, cos_sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions [N]; q [N, Hq, D]; k [N, Hkv, D]
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, D/2]
-        cos = freqs.cos()[:, None, :]  # [N, 1, D/2]
-        sin = freqs.sin()[:, None, :]
+        # cos_sin [N, 2, D/2] from `cos_sin`; q [N, Hq, D]; k [N, Hkv, D]
+        cos = cos_sin[:, None, 0]  # [N, 1, D/2]
+        sin = cos_sin[:, None, 1]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
 
     @staticmethod

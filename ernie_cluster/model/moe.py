@@ -2,9 +2,10 @@
 
 Routing: softmax over float32 router logits; top-k chosen on (probabilities + correction
 bias); combine weights are the UNBIASED probabilities of the chosen experts, renormalised.
-Experts run grouped: rows are sorted by expert and each active expert does one matmul over
-its rows. This module holds this rank's experts [expert_start, expert_stop); `forward_rows`
-takes rows already routed to them, wherever they came from (see distributed/expert_dispatch).
+Experts run grouped without host syncs (model/fused_moe): (token, slot) pairs are sorted by
+expert on the device and go through grouped GEMMs. This module holds this rank's experts
+[expert_start, expert_stop); `forward_pairs` takes rows with their routing, wherever they came
+from (see distributed/expert_dispatch), and ignores slots routed elsewhere.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.distributed.expert_dispatch import dispatch_combine
+from ernie_cluster.model.fused_moe import fused_experts
 from ernie_cluster.model.layers import SwiGLUMLP
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.model.weights import WeightTarget, elsewhere, whole
@@ -60,29 +62,37 @@ class Ernie4_5_MoeExperts(nn.Module):
         self.down_proj = nn.Parameter(
             torch.empty(num_local, hidden, inter, dtype=dtype), requires_grad=False
         )
-        # Tokens routed to each global expert, accumulated since the last reset (load stats).
+        # fused_moe.METHODS; "auto" picks the fastest sync-free path for the device.
+        self.method = "auto"
+        # Tokens routed to each global expert, accumulated since the last reset (load stats);
+        # only this rank's range is updated, on the device.
         self.register_buffer(
             "tokens_per_expert", torch.zeros(self.num_experts, dtype=torch.long), persistent=False
         )
 
-    def forward_rows(self, rows: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        """rows [R, H] with the global expert id of each row [R] (all owned here) -> the
-        unweighted expert outputs [R, H]; one matmul pair per active expert."""
-        local_ids = expert_ids - self.expert_start
-        order = torch.argsort(local_ids, stable=True)
-        counts = torch.bincount(local_ids, minlength=self.expert_stop - self.expert_start)
+    def forward_pairs(
+        self,
+        x: torch.Tensor,
+        topk_ids: torch.Tensor,
+        topk_weights: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """x [M, H], topk_ids [M, k] global expert ids, topk_weights [M, k] or None (weight 1)
+        -> [M, H]: out[m] = sum over slots j of w[m, j] * expert_{ids[m, j]}(x[m]).
+
+        Slots whose id is -1 or not owned by this rank add nothing (and cost no GEMM work). The
+        sum runs in float32 in slot order, then casts to x's dtype. No host sync (see
+        fused_moe for the opt-in exception), and the same ops whatever the routing.
+        """
+        out, counts = fused_experts(
+            x,
+            topk_ids,
+            topk_weights,
+            self.gate_up_proj,
+            self.down_proj,
+            self.expert_start,
+            self.method,
+        )
         self.tokens_per_expert[self.expert_start : self.expert_stop] += counts
-        grouped = rows[order]  # [R, H] grouped by expert
-        offset = 0
-        for expert, count in enumerate(counts.tolist()):
-            if count == 0:
-                continue
-            chunk = grouped[offset : offset + count]
-            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            grouped[offset : offset + count] = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            offset += count
-        out = torch.empty_like(rows)
-        out[order] = grouped
         return out
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
@@ -122,11 +132,19 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [n, H] (this rank's tokens, possibly none) -> [n, H]."""
+    def forward(self, hidden: torch.Tensor, max_local_tokens: int | None = None) -> torch.Tensor:
+        """hidden [n, H] (this rank's tokens, possibly none) -> [n, H]. `max_local_tokens`:
+        the most tokens any rank holds this step (a host int, equal on every rank); given, the
+        expert-parallel exchange needs no host sync (see distributed/expert_dispatch)."""
         expert_ids, weights = self.gate(hidden)
         out = dispatch_combine(
-            hidden, expert_ids, weights, self.experts.forward_rows, self.experts_per_rank, self.comm
+            hidden,
+            expert_ids,
+            weights,
+            self.experts.forward_pairs,
+            self.experts_per_rank,
+            self.comm,
+            max_local_tokens=max_local_tokens,
         )
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)

@@ -2,40 +2,82 @@
 
 Computed from the raw model logits (before penalties, temperature and truncation), so they
 describe the model's distribution rather than the sampling policy. Rows that did not ask for
-logprobs cost nothing.
+logprobs cost nothing. The device part (`Logprobs.gather`) leaves its results on the device;
+`to_entries` turns their host copy into one {token_id: logprob} dict per row.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ernie_cluster.sample.sampling_state import SamplingState
+from ernie_cluster.sample.upload import Slot, StepUpload
 
 TokenLogprobs = dict[int, float]
 
 
-def gather_logprobs(
-    logits: torch.Tensor, states: list[SamplingState], token_ids: torch.Tensor
-) -> list[TokenLogprobs | None]:
-    """Per row, None or {token_id: logprob} of its top-`params.logprobs` tokens and the
-    sampled `token_ids` [B] entry, most likely first (the sampled token last if not a top one).
-    """
-    result: list[TokenLogprobs | None] = [None] * len(states)
-    rows = [i for i, state in enumerate(states) if state.params.logprobs is not None]
-    if not rows:
-        return result
-    row_idx = torch.tensor(rows, device=logits.device)
-    logprobs = torch.log_softmax(logits[row_idx].float(), dim=-1)  # [L, V]
-    sampled_ids = token_ids[row_idx].unsqueeze(1)  # [L, 1]
-    sampled = logprobs.gather(1, sampled_ids).squeeze(1).tolist()  # [L]
-    max_top = min(max(states[i].params.logprobs or 0 for i in rows), logits.shape[1])
-    top_values, top_ids = logprobs.topk(max_top, dim=-1)  # [L, max_top]
-    top_values_list, top_ids_list = top_values.tolist(), top_ids.tolist()
-    sampled_id_list = sampled_ids.squeeze(1).tolist()
+@dataclass(frozen=True)
+class Logprobs:
+    """Host plan of which rows want logprobs and how many alternatives."""
 
-    for j, i in enumerate(rows):
-        num_top = states[i].params.logprobs or 0
-        entry = dict(zip(top_ids_list[j][:num_top], top_values_list[j][:num_top], strict=True))
-        entry.setdefault(sampled_id_list[j], sampled[j])
-        result[i] = entry
-    return result
+    rows: list[int]
+    """[L] batch rows that asked, ascending."""
+    num_top: list[int]
+    """[L] `params.logprobs` of each of those rows."""
+    max_top: int
+    """Alternatives gathered per row: the largest `num_top`, at most V."""
+    row_slot: Slot | None
+    """The rows on the device; None when every row asked."""
+
+    @classmethod
+    def plan(
+        cls, states: list[SamplingState], vocab_size: int, upload: StepUpload
+    ) -> Logprobs | None:
+        rows = [i for i, state in enumerate(states) if state.params.logprobs is not None]
+        if not rows:
+            return None
+        num_top = [states[i].params.logprobs or 0 for i in rows]
+        return cls(
+            rows=rows,
+            num_top=num_top,
+            max_top=min(max(num_top), vocab_size),
+            row_slot=None if len(rows) == len(states) else upload.ints(rows),
+        )
+
+    def gather(
+        self, logits: torch.Tensor, token_ids: torch.Tensor, upload: StepUpload
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """From raw `logits` [B, V] and sampled `token_ids` [B]: the rows' top token ids
+        [L, max_top] int64 and logprobs [L, max_top] (most likely first), and the sampled
+        tokens' logprobs [L], all float32 and on the device."""
+        if self.row_slot is None:
+            picked, sampled_ids = logits, token_ids  # [L, V], [L]
+        else:
+            rows = upload[self.row_slot]
+            picked, sampled_ids = logits.index_select(0, rows), token_ids.index_select(0, rows)
+        logprobs = torch.log_softmax(picked.float(), dim=-1)  # [L, V]
+        sampled = logprobs.gather(1, sampled_ids.unsqueeze(1)).squeeze(1)  # [L]
+        top_values, top_ids = logprobs.topk(self.max_top, dim=-1)  # [L, max_top]
+        return top_ids, top_values, sampled
+
+    def to_entries(
+        self,
+        token_ids: list[int],
+        top_ids: list[float],
+        top_values: list[float],
+        sampled: list[float],
+    ) -> list[TokenLogprobs | None]:
+        """Per batch row, None or {token_id: logprob} of its top-`num_top` tokens, most likely
+        first, then the sampled token if it is not one of them; from host copies of the batch's
+        `token_ids` [B] and of `gather`'s results, flattened (ids as floats)."""
+        entries: list[TokenLogprobs | None] = [None] * len(token_ids)
+        for j, (row, num_top) in enumerate(zip(self.rows, self.num_top, strict=True)):
+            start = j * self.max_top
+            stop = start + min(num_top, self.max_top)
+            ids = [int(t) for t in top_ids[start:stop]]
+            entry = dict(zip(ids, top_values[start:stop], strict=True))
+            entry.setdefault(token_ids[row], sampled[j])
+            entries[row] = entry
+        return entries

@@ -2,8 +2,11 @@
 
 Data path: raw logits -> logprobs (raw) ; working copy -> penalties -> min_tokens mask ->
 greedy argmax | temperature -> top-k/top-p -> softmax -> min-p -> exponential race.
-Works on the whole batch with per-row parameter tensors and skips stages no row needs.
-Never mutates the logits it is given or any `SamplingState`.
+Every decision (which rows, which stage, how many candidates) is taken on the host from the
+`SamplingParams`; the per-row parameters reach the device as ONE packed copy (none for an
+all-greedy batch without penalties, min_tokens or a logprobs subset), and nothing is read
+back until `SamplerOutput.to_host`, the step's one device->host copy. Never mutates the
+logits it is given or any `SamplingState`.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ernie_cluster.sample.logprobs import TokenLogprobs, gather_logprobs
-from ernie_cluster.sample.penalties import apply_min_tokens, apply_penalties, has_penalties
+from ernie_cluster.sample.logprobs import Logprobs, TokenLogprobs
+from ernie_cluster.sample.penalties import MinTokens, Penalties
 from ernie_cluster.sample.sampling_state import SamplingState
-from ernie_cluster.sample.top_k_top_p import apply_min_p, apply_top_k_top_p
+from ernie_cluster.sample.top_k_top_p import TopKTopP, apply_min_p
+from ernie_cluster.sample.upload import Slot, StepUpload
 
 # NOTE: below this, logits / temperature can overflow float32 and softmax turns into NaN;
 # such temperatures are indistinguishable from greedy anyway.
@@ -24,11 +28,40 @@ _MIN_TEMPERATURE = 1e-5
 
 @dataclass
 class SamplerOutput:
-    token_ids: list[int]
-    """[B] one sampled token per row, in `states` order."""
-    logprobs: list[TokenLogprobs | None]
-    """[B] None where `params.logprobs` is None, else {token_id: logprob} of the top
-    `params.logprobs` tokens plus the sampled token, from the raw logits."""
+    token_ids: torch.Tensor
+    """[B] int64 on the logits' device, one sampled token per row in `states` order; a
+    standalone contiguous tensor (the runner broadcasts it to the other ranks)."""
+    logprobs: Logprobs | None = None
+    """Which rows asked for logprobs and how many (host); None: no row did."""
+    top_logprob_ids: torch.Tensor | None = None
+    """[L, K] int64 the asking rows' most likely token ids, K = `logprobs.max_top`."""
+    top_logprobs: torch.Tensor | None = None
+    """[L, K] float32 their raw logprobs, descending."""
+    sampled_logprobs: torch.Tensor | None = None
+    """[L] float32 raw logprob of each asking row's sampled token."""
+
+    def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """The one device->host copy of the step: the token ids and, per row, None or
+        {token_id: logprob} of its top-`params.logprobs` tokens plus the sampled token (most
+        likely first, the sampled token last if not a top one), from the raw logits."""
+        num_rows = self.token_ids.shape[0]
+        if self.logprobs is None:
+            return self.token_ids.tolist(), [None] * num_rows
+        assert self.top_logprob_ids is not None and self.top_logprobs is not None
+        assert self.sampled_logprobs is not None
+        parts = (self.token_ids, self.sampled_logprobs, self.top_logprob_ids, self.top_logprobs)
+        # NOTE: float64 holds token ids (< 2**53) and float32 logprobs exactly, so one packed
+        # tensor carries everything in a single transfer.
+        values = torch.cat([p.reshape(-1).to(torch.float64) for p in parts]).tolist()
+        num_asking = self.sampled_logprobs.shape[0]
+        num_top_values = self.top_logprobs.numel()
+        token_ids = [int(t) for t in values[:num_rows]]
+        sampled = values[num_rows : num_rows + num_asking]
+        top = values[num_rows + num_asking :]
+        entries = self.logprobs.to_entries(
+            token_ids, top[:num_top_values], top[num_top_values:], sampled
+        )
+        return token_ids, entries
 
 
 class Sampler:
@@ -39,75 +72,106 @@ class Sampler:
             raise ValueError(
                 f"logits must be [num_states={len(states)}, vocab], got {tuple(logits.shape)}"
             )
+        vocab_size, device = logits.shape[1], logits.device
+        upload = StepUpload()
+        penalties = Penalties.plan(states, vocab_size, device, upload)
+        min_tokens = MinTokens.plan(states, vocab_size, upload)
+        sampling = _RandomRows.plan(states, vocab_size, upload)
+        logprobs = Logprobs.plan(states, vocab_size, upload)
+        upload.send(device)
+
         working = logits
-        needs_penalties = any(has_penalties(s.params) for s in states)
-        needs_min_tokens = any(s.is_min_tokens_pending for s in states)
-        if needs_penalties or needs_min_tokens:
-            working = logits.clone()  # [B, V]
-            apply_penalties(working, states)
-            apply_min_tokens(working, states)
+        if penalties is not None or min_tokens is not None:
+            working = logits.clone(memory_format=torch.contiguous_format)  # [B, V]
+            if penalties is not None:
+                penalties.apply(working, upload)
+            if min_tokens is not None:
+                min_tokens.apply(working, upload)
 
-        is_random = [s.params.temperature >= _MIN_TEMPERATURE for s in states]
-        if all(is_random):
-            token_ids = self._sample_random(working, states)  # [B]
-        else:
-            token_ids = working.argmax(dim=-1)  # [B]
-            if any(is_random):
-                rows = [i for i, r in enumerate(is_random) if r]
-                row_idx = torch.tensor(rows, device=logits.device)
-                token_ids[row_idx] = self._sample_random(
-                    working[row_idx], [states[i] for i in rows]
-                )
+        # [B] greedy rows take the argmax, sampling rows their draw
+        token_ids = working.argmax(dim=-1) if sampling is None else sampling.sample(working, upload)
+        if logprobs is None:
+            return SamplerOutput(token_ids)
+        return SamplerOutput(token_ids, logprobs, *logprobs.gather(logits, token_ids, upload))
 
-        return SamplerOutput(
-            token_ids=token_ids.tolist(),
-            logprobs=gather_logprobs(logits, states, token_ids),
+
+@dataclass(frozen=True)
+class _RandomRows:
+    """Host plan of the rows that sample (temperature > 0); the others take the argmax."""
+
+    rows: Slot | None
+    """[R] batch rows that sample; None: every row."""
+    temperature: Slot
+    """[R]"""
+    truncation: TopKTopP | None
+    min_p: Slot | None
+    """[R]; None when no row uses min-p."""
+    generators: list[torch.Generator | None]
+    """[R] each row's private generator; None draws from torch's default."""
+    unseeded: Slot | None
+    """[U] positions (among the R) of the rows without a generator, when 0 < U < R."""
+
+    @classmethod
+    def plan(
+        cls, states: list[SamplingState], vocab_size: int, upload: StepUpload
+    ) -> _RandomRows | None:
+        rows = [i for i, s in enumerate(states) if s.params.temperature >= _MIN_TEMPERATURE]
+        if not rows:
+            return None
+        params = [states[i].params for i in rows]
+        generators = [states[i].generator for i in rows]
+        unseeded = [j for j, g in enumerate(generators) if g is None]
+        min_p = [p.min_p for p in params]
+        return cls(
+            rows=None if len(rows) == len(states) else upload.ints(rows),
+            temperature=upload.floats([p.temperature for p in params]),
+            truncation=TopKTopP.plan(
+                [p.top_k for p in params], [p.top_p for p in params], vocab_size, upload
+            ),
+            min_p=upload.floats(min_p) if any(m > 0.0 for m in min_p) else None,
+            generators=generators,
+            unseeded=upload.ints(unseeded) if 0 < len(unseeded) < len(rows) else None,
         )
 
-    def _sample_random(self, logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:
-        """Sample one token per row of `logits` [R, V]; no state here is treated as greedy."""
-        device = logits.device
-        params = [s.params for s in states]
-        temperature = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
-        scaled = logits / temperature.to(device).unsqueeze(1)  # [R, V] fresh copy, safe to edit
-
-        if any(0 < p.top_k < logits.shape[1] or p.top_p < 1.0 for p in params):
-            vocab = logits.shape[1]  # a top_k past the vocabulary is "off" (and fits int64)
-            top_k = torch.tensor(
-                [min(p.top_k, vocab) for p in params], dtype=torch.int64, device=device
-            )
-            top_p = torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device)
-            apply_top_k_top_p(scaled, top_k, top_p)
-
+    def sample(self, logits: torch.Tensor, upload: StepUpload) -> torch.Tensor:
+        """[B] the argmax of `logits` [B, V], with the sampling rows' draws in their place."""
+        rows = None if self.rows is None else upload[self.rows]  # [R]
+        sub = logits if rows is None else logits.index_select(0, rows)  # [R, V]
+        temperature = upload[self.temperature].to(sub.dtype)  # [R]
+        scaled = sub / temperature.unsqueeze(1)  # [R, V] fresh copy, safe to edit
+        if self.truncation is not None:
+            self.truncation.apply(scaled, upload)
         probs = scaled.softmax(dim=-1)  # [R, V]
-        if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=device)
-            apply_min_p(probs, min_p)
-
-        noise = _exponential_noise(states, probs.shape[1], probs.dtype, device)  # [R, V]
+        if self.min_p is not None:
+            apply_min_p(probs, upload[self.min_p])
+        noise = self._exponential_noise(probs.shape[1], probs.dtype, probs.device, upload)
         # NOTE: argmax(p / E) with E ~ Exp(1) picks token t with probability p_t (the
         # exponential race), so the noise draw alone decides the token: no cumsum/multinomial.
-        return probs.div_(noise).argmax(dim=-1)  # [R]
+        sampled = probs.div_(noise).argmax(dim=-1)  # [R]
+        if rows is None:
+            return sampled
+        return logits.argmax(dim=-1).index_copy_(0, rows, sampled)
 
-
-def _exponential_noise(
-    states: list[SamplingState], vocab_size: int, dtype: torch.dtype, device: torch.device
-) -> torch.Tensor:
-    """[R, V] Exp(1) noise: one V-sized draw per seeded row from its own generator, so its
-    token does not depend on batch composition; unseeded rows share one default-RNG draw."""
-    seeded = [i for i, s in enumerate(states) if s.generator is not None]
-    # NOTE: uniform draws turned into Exp(1) by -log(1 - u) (inverse CDF), in place: 3-6x
-    # faster on CPU than Tensor.exponential_, which dominated a sampled step at large B x V.
-    if not seeded:
-        noise = torch.rand(len(states), vocab_size, dtype=dtype, device=device)  # [R, V]
-    else:
-        noise = torch.empty(len(states), vocab_size, dtype=dtype, device=device)
-        unseeded = [i for i, s in enumerate(states) if s.generator is None]
-        if unseeded:
-            noise[unseeded] = torch.rand(len(unseeded), vocab_size, dtype=dtype, device=device)
-        for i in seeded:
-            noise[i].uniform_(generator=states[i].generator)
-    noise.neg_().log1p_().neg_()
-    # NOTE: an Exp(1) draw can be exactly 0; dividing by it would let a zero-probability
-    # (truncated) token win via 0/0 = NaN or p/0 = inf.
-    return noise.clamp_min_(torch.finfo(dtype).tiny)
+    def _exponential_noise(
+        self, vocab_size: int, dtype: torch.dtype, device: torch.device, upload: StepUpload
+    ) -> torch.Tensor:
+        """[R, V] Exp(1) noise: one V-sized draw per seeded row from its own generator, so its
+        token does not depend on batch composition; unseeded rows share one default-RNG draw."""
+        num_rows = len(self.generators)
+        seeded = [j for j, g in enumerate(self.generators) if g is not None]
+        # NOTE: uniform draws turned into Exp(1) by -log(1 - u) (inverse CDF), in place: 3-6x
+        # faster on CPU than Tensor.exponential_, which dominated a sampled step at large B x V.
+        if not seeded:
+            noise = torch.rand(num_rows, vocab_size, dtype=dtype, device=device)  # [R, V]
+        else:
+            noise = torch.empty(num_rows, vocab_size, dtype=dtype, device=device)
+            if self.unseeded is not None:
+                unseeded = upload[self.unseeded]  # [U]
+                draw = torch.rand(self.unseeded.size, vocab_size, dtype=dtype, device=device)
+                noise.index_copy_(0, unseeded, draw)
+            for j in seeded:
+                noise[j].uniform_(generator=self.generators[j])
+        noise.neg_().log1p_().neg_()
+        # NOTE: an Exp(1) draw can be exactly 0; dividing by it would let a zero-probability
+        # (truncated) token win via 0/0 = NaN or p/0 = inf.
+        return noise.clamp_min_(torch.finfo(dtype).tiny)

@@ -1,47 +1,99 @@
 """Truncation of temperature-scaled logits: top-k, top-p (nucleus) and min-p.
 
-Per-row parameters arrive as tensors; rows with a filter switched off pass through
-unchanged. Each filter becomes a per-row logit threshold, so tokens tied with the last kept
-one are kept too. Top-k-only rows and top-p rows form two groups; each needs only its
-`torch.topk` candidates, except that the top-p group is sorted over the whole vocabulary
-(once) when one of its rows has no top-k.
+Each filter becomes a per-row logit threshold, so tokens tied with the last kept one are
+kept too. The row groups are decided on the host from the parameters: rows with a top-k
+need only their group's `torch.topk` candidates; rows with top-p alone are sorted over the
+whole vocabulary. Rows with both filters off are not touched. Never reads a device tensor.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
-
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> None:
-    """Set `logits` [R, V] to -inf in place outside top-k, then outside top-p.
-
-    `top_k` [R] int64 (0 or >= V: off) and `top_p` [R] float (1.0: off). Top-p keeps the
-    smallest prefix of the top-k-renormalised distribution whose mass reaches `top_p`, which
-    always includes the most likely token.
-    """
-    vocab_size = logits.shape[1]
-    k_on = (top_k > 0) & (top_k < vocab_size)  # [R]
-    p_on = top_p < 1.0  # [R]
-    # NOTE: "off" k becomes V so every row can index its candidates at position k - 1.
-    k = torch.where(k_on, top_k, vocab_size)  # [R]
-    groups = ((k_on & ~p_on, False), (p_on, True))
-    for in_group, uses_top_p in groups:
-        rows = torch.nonzero(in_group).squeeze(1)  # [S]
-        if rows.numel() == 0:
-            continue
-        is_subset = rows.numel() < logits.shape[0]
-        sub = logits[rows] if is_subset else logits  # [S, V]
-        threshold = _threshold(sub, k[rows], top_p[rows] if uses_top_p else None)  # [S, 1]
-        sub.masked_fill_(sub < threshold, float("-inf"))
-        if is_subset:
-            logits[rows] = sub
+from ernie_cluster.sample.upload import Slot, StepUpload
 
 
-def _threshold(logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor | None) -> torch.Tensor:
-    """[S, 1] smallest logit each row of `logits` [S, V] keeps under its `k` [S] and `top_p`."""
-    max_k = int(k.max())
-    if max_k < logits.shape[1]:
-        candidates = logits.topk(max_k, dim=-1).values  # [S, max_k] descending
+@dataclass(frozen=True)
+class _Group:
+    """Rows that share one candidate computation: a topk of the largest k, or a full sort."""
+
+    rows: Slot | None
+    """[S] rows of the logits in this group; None: every row."""
+    k: Slot
+    """[S] per-row k, the vocabulary size where top-k is off."""
+    top_p: Slot | None
+    """[S] per-row top-p, inf where off; None when no row of the group has one."""
+    num_candidates: int
+    """The group's largest k: how many sorted logits each row needs (all of them at V)."""
+
+
+@dataclass(frozen=True)
+class TopKTopP:
+    """Host plan of the top-k/top-p filters of a batch; `apply` runs it on the device."""
+
+    groups: tuple[_Group, ...]
+
+    @classmethod
+    def plan(
+        cls, top_k: list[int], top_p: list[float], vocab_size: int, upload: StepUpload
+    ) -> TopKTopP | None:
+        """Plan for rows with `top_k` (0 or >= V: off) and `top_p` (1.0: off); None when
+        every filter is off. Registers the groups' rows and parameters with `upload`."""
+        # NOTE: "off" k becomes V so every row can index its candidates at position k - 1.
+        k = [tk if 0 < tk < vocab_size else vocab_size for tk in top_k]
+        with_k = [i for i, ki in enumerate(k) if ki < vocab_size]
+        p_only = [
+            i
+            for i, (ki, p) in enumerate(zip(k, top_p, strict=True))
+            if ki == vocab_size and p < 1.0
+        ]
+        groups = []
+        for rows in (with_k, p_only):
+            if not rows:
+                continue
+            group_k = [k[i] for i in rows]
+            group_p = [top_p[i] for i in rows]
+            uses_top_p = any(p < 1.0 for p in group_p)
+            groups.append(
+                _Group(
+                    rows=None if len(rows) == len(k) else upload.ints(rows),
+                    k=upload.ints(group_k),
+                    # NOTE: an "off" top_p becomes inf, so a top-k-only row beside top-p rows
+                    # keeps all its candidates.
+                    top_p=upload.floats([p if p < 1.0 else math.inf for p in group_p])
+                    if uses_top_p
+                    else None,
+                    num_candidates=max(group_k),
+                )
+            )
+        return cls(tuple(groups)) if groups else None
+
+    def apply(self, logits: torch.Tensor, upload: StepUpload) -> None:
+        """Set `logits` [R, V] to -inf in place outside top-k, then outside top-p.
+
+        Top-p keeps the smallest prefix of the top-k-renormalised distribution whose mass
+        reaches `top_p`, which always includes the most likely token.
+        """
+        for group in self.groups:
+            rows = None if group.rows is None else upload[group.rows]  # [S]
+            sub = logits if rows is None else logits.index_select(0, rows)  # [S, V]
+            top_p = None if group.top_p is None else upload[group.top_p]
+            threshold = _threshold(sub, upload[group.k], top_p, group.num_candidates)  # [S, 1]
+            sub.masked_fill_(sub < threshold, float("-inf"))
+            if rows is not None:
+                logits.index_copy_(0, rows, sub)
+
+
+def _threshold(
+    logits: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor | None, num_candidates: int
+) -> torch.Tensor:
+    """[S, 1] smallest logit each row of `logits` [S, V] keeps under its `k` [S] and `top_p`;
+    `num_candidates` is max(k), known on the host."""
+    if num_candidates < logits.shape[1]:
+        candidates = logits.topk(num_candidates, dim=-1).values  # [S, max_k] descending
     else:
         candidates = logits.sort(dim=-1, descending=True).values  # [S, V]
     kth = candidates.gather(1, k.unsqueeze(1) - 1)  # [S, 1]

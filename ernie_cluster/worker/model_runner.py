@@ -1,29 +1,37 @@
 """Runs one scheduled step on this rank's model: inputs from the diff, forward, sampling.
 
-Keeps the per-request state a worker needs between steps (token ids, block table, computed
-count, sampling state) so the driver only sends diffs. Builds the flat token batch and its
-attention metadata, runs the model and samples the rows whose sequences reached their end.
-Never decides who runs.
+Keeps the per-request state a worker needs between steps (token ids, computed count,
+sampling state, and a row of the persistent device batch holding its block table) so the
+driver only sends diffs. A step is one packed host->device copy of its inputs
+(worker/input_batch), the forward, sampling on rank 0, and one device->host copy of the
+sampled tokens (plus logprobs when asked); nothing else reads the device back. Decode-only
+steps replay CUDA graphs when they were captured (worker/cuda_graphs). Never decides who runs.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sample import Sampler, SamplingState
+from ernie_cluster.worker.input_batch import InputBatch, StepInputs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
 class CachedRequestState:
     token_ids: list[int]
-    block_ids: list[int]
     num_computed_tokens: int
     sampling: SamplingState
+    row: int
+    """Row of the persistent batch (its block table) held until the request finishes."""
 
 
 def allocate_kv_caches(
@@ -39,24 +47,53 @@ class ModelRunner:
         self,
         model: Ernie4_5_MoeForCausalLM,
         num_blocks: int,
-        block_size: int,
+        config: EngineConfig,
         device: torch.device | str = "cpu",
     ) -> None:
         self.model = model
-        self.block_size = block_size
+        self.config = config
+        self.block_size = config.block_size
         self.device = torch.device(device)
-        self.kv_caches = allocate_kv_caches(model, num_blocks, block_size, self.device)
+        self.num_blocks = num_blocks
+        # NOTE: one spare block past the pool: CUDA-graph padding rows write their K/V there.
+        self.kv_caches = allocate_kv_caches(model, num_blocks + 1, self.block_size, self.device)
         model.bind_kv_caches(self.kv_caches)
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
+        max_model_len = config.max_model_len or model.config.max_position_embeddings
+        self.input_batch = InputBatch(
+            max_num_reqs=config.max_num_seqs,
+            max_blocks_per_req=-(-max_model_len // self.block_size),
+            block_size=self.block_size,
+            device=self.device,
+        )
+        self.cuda_graphs = None
+
+    def capture_cuda_graphs(self) -> None:
+        """Capture decode-step graphs per batch bucket (CUDA only, unless enforce_eager)."""
+        if self.device.type != "cuda" or self.config.enforce_eager:
+            return
+        backend = self.model.layers[0].self_attn.backend
+        if not getattr(backend, "cuda_graph_safe", False):
+            # NOTE: the torch reference sizes its decode gather from host lengths, which a
+            # graph would freeze at max_model_len; it runs eagerly.
+            logger.info("attention backend %s runs decode eagerly", type(backend).__name__)
+            return
+        from ernie_cluster.worker.cuda_graphs import DecodeGraphs
+
+        self.cuda_graphs = DecodeGraphs.capture(self)
 
     def update_states(self, out: SchedulerOutput) -> None:
+        batch = self.input_batch
         for req_id in out.finished_req_ids:
-            self.requests.pop(req_id, None)
+            state = self.requests.pop(req_id, None)
+            if state is not None:
+                batch.free_row(state.row)
         for new in out.new_requests:
+            if new.req_id in self.requests:  # re-sent after a failed step: start over
+                batch.free_row(self.requests.pop(new.req_id).row)
             self.requests[new.req_id] = CachedRequestState(
                 token_ids=list(new.prompt_token_ids),
-                block_ids=list(new.block_ids),
                 num_computed_tokens=new.num_computed_tokens,
                 sampling=SamplingState.create(
                     new.params,
@@ -65,62 +102,84 @@ class ModelRunner:
                     sample_index=new.sample_index,
                     device=self.device,
                 ),
+                row=batch.add_row(list(new.block_ids)),
             )
         for cached in out.cached_requests:
             state = self.requests[cached.req_id]
             if cached.resumed:
-                state.block_ids = list(cached.new_block_ids)
+                batch.reset_blocks(state.row, list(cached.new_block_ids))
             else:
-                state.block_ids.extend(cached.new_block_ids)
+                batch.append_blocks(state.row, list(cached.new_block_ids))
             state.num_computed_tokens = cached.num_computed_tokens
+
+    def _prepare(self, out: SchedulerOutput) -> tuple[StepInputs, list[str]]:
+        """Host arrays of the step in batch order (decodes first), uploaded once."""
+        scheduled = out.num_scheduled_tokens
+        # NOTE: decodes first, so attention backends see them as one block of rows.
+        order = [r for r, n in scheduled.items() if n == 1]
+        num_decodes = len(order)
+        order += [r for r, n in scheduled.items() if n != 1]
+        num_seqs = len(order)
+        rows = np.empty(num_seqs, dtype=np.int64)
+        query_lens = np.empty(num_seqs, dtype=np.int64)
+        seq_lens = np.empty(num_seqs, dtype=np.int64)
+        input_ids: list[int] = []
+        sample_rows: list[int] = []
+        sample_ids: list[str] = []
+        for i, req_id in enumerate(order):
+            state = self.requests[req_id]
+            start = state.num_computed_tokens
+            stop = start + scheduled[req_id]
+            input_ids.extend(state.token_ids[start:stop])
+            rows[i], query_lens[i], seq_lens[i] = state.row, stop - start, stop
+            state.num_computed_tokens = stop
+            if stop == len(state.token_ids):
+                sample_rows.append(len(input_ids) - 1)
+                sample_ids.append(req_id)
+        inputs = self.input_batch.prepare(
+            rows,
+            query_lens,
+            seq_lens,
+            np.asarray(input_ids, dtype=np.int64),
+            np.asarray(sample_rows, dtype=np.int64),
+            num_decodes,
+        )
+        return inputs, sample_ids
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         self.update_states(out)
         if out.is_empty:
             return ModelRunnerOutput()
-        input_ids: list[int] = []
-        positions: list[int] = []
-        query_lens, context_lens, block_tables = [], [], []
-        sample_rows: list[int] = []
-        sample_ids: list[str] = []
-        for req_id, num_new in out.num_scheduled_tokens.items():
-            state = self.requests[req_id]
-            start = state.num_computed_tokens
-            stop = start + num_new
-            input_ids.extend(state.token_ids[start:stop])
-            positions.extend(range(start, stop))
-            query_lens.append(num_new)
-            context_lens.append(stop)
-            block_tables.append(state.block_ids)
-            state.num_computed_tokens = stop
-            if stop == len(state.token_ids):
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(req_id)
-
-        meta = AttentionMetadata.build(
-            query_lens, context_lens, block_tables, self.block_size, self.device
-        )
-        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        hidden = self.model(ids, pos, meta)  # [N, H]
-        if not sample_rows:
+        inputs, sample_ids = self._prepare(out)
+        hidden = None
+        if self.cuda_graphs is not None:
+            hidden = self.cuda_graphs.run(inputs)
+        if hidden is None:
+            hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [n, H]
+        if not sample_ids:
             return ModelRunnerOutput()
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden, rows)  # [B, V] float32 on rank 0
+        logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
+        return self._sample(logits, sample_ids)
+
+    def _sample(self, logits: torch.Tensor | None, sample_ids: list[str]) -> ModelRunnerOutput:
         result = ModelRunnerOutput()
         comm = self.model.comm
+        sampled = None
         if comm.is_first:
-            states = [self.requests[r].sampling for r in sample_ids]
-            sampled = self.sampler(logits, states)
-            tokens = torch.tensor(sampled.token_ids, dtype=torch.long, device=self.device)
-            for req_id, logprobs in zip(sample_ids, sampled.logprobs, strict=True):
-                if logprobs is not None:
-                    result.logprobs[req_id] = logprobs
+            sampled = self.sampler(logits, [self.requests[r].sampling for r in sample_ids])
+            tokens = sampled.token_ids
         else:
             tokens = torch.empty(len(sample_ids), dtype=torch.long, device=self.device)
         # Every rank needs the sampled tokens as the next step's inputs.
-        token_list = comm.broadcast_from_first(tokens).tolist()
+        tokens = comm.broadcast_from_first(tokens)
+        if sampled is not None:
+            token_list, logprobs = sampled.to_host()  # the step's one device->host copy
+            for req_id, entry in zip(sample_ids, logprobs, strict=True):
+                if entry is not None:
+                    result.logprobs[req_id] = entry
+        else:
+            token_list = tokens.tolist()
         for req_id, token in zip(sample_ids, token_list, strict=True):
             state = self.requests[req_id]
             state.token_ids.append(token)

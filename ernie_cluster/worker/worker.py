@@ -1,4 +1,5 @@
-"""One rank's worker: loads its shard of the model, sizes and owns its KV cache, runs steps.
+"""One rank's worker: loads its shard of the model, sizes (worker/kv_cache_sizing) and owns
+its KV cache, runs steps.
 
 The same class runs in-process (LocalExecutor) and inside a Ray actor (RayExecutor). It never
 schedules: it executes the SchedulerOutput it is given.
@@ -10,17 +11,17 @@ import logging
 
 import torch
 
+from ernie_cluster.attention.selector import get_attention_backend
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.sharding import ShardSpec
+from ernie_cluster.worker.kv_cache_sizing import determine_num_kv_blocks
 from ernie_cluster.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-CPU_KV_CACHE_BYTES = 1 << 30
 
 
 class Worker:
@@ -45,37 +46,25 @@ class Worker:
             config=self.model_config,
             show_progress=config.show_progress and rank == 0,
             comm=comm,
+            backend=get_attention_backend(config.attention_backend, self.device),
         )
-        self.num_kv_blocks = self._num_kv_blocks()
-        self.runner = ModelRunner(self.model, self.num_kv_blocks, config.block_size, self.device)
+        # NOTE: a max_model_len beyond the checkpoint's max_position_embeddings needs more
+        # RoPE rows than the model builds by default.
+        self.model.rotary.extend(config.max_model_len or 0)
+        self.num_kv_blocks = determine_num_kv_blocks(self.model, config, self.device)
+        self.runner = ModelRunner(self.model, self.num_kv_blocks, config, self.device)
+        self.runner.capture_cuda_graphs()
+        # NOTE: the profiling and capture forwards routed dummy tokens; served load starts here.
+        for name, buffer in self.model.named_buffers():
+            if name.endswith("tokens_per_expert"):
+                buffer.zero_()
+        # NOTE: start-up traffic (the profiling forward) is not part of the served steps'.
+        self._bytes_sent_at_start = dict(self.model.comm.bytes_sent)
         if config.seed is not None:
             torch.manual_seed(config.seed)
         logger.info(
             "rank %d: %d KV blocks of %d tokens", rank, self.num_kv_blocks, config.block_size
         )
-
-    def bytes_per_block(self) -> int:
-        attn = self.model.layers[0].self_attn
-        per_token = 2 * attn.num_kv_heads * attn.head_dim * self.model.dtype.itemsize
-        return per_token * len(self.model.layers) * self.config.block_size
-
-    def _num_kv_blocks(self) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        budget = self.config.kv_cache_memory_bytes
-        if budget is None:
-            if self.device.type == "cuda":
-                free, _ = torch.cuda.mem_get_info(self.device)
-                budget = int(free * 0.9)
-            else:
-                budget = CPU_KV_CACHE_BYTES
-        num_blocks = min(budget // self.bytes_per_block(), self.config.num_blocks_cap())
-        if num_blocks < 1:
-            raise ValueError(
-                f"KV cache budget {budget} bytes is smaller than one block "
-                f"({self.bytes_per_block()} bytes)"
-            )
-        return num_blocks
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
@@ -85,8 +74,9 @@ class Worker:
         return self.model.expert_load()
 
     def communication_bytes(self) -> dict[str, int]:
-        """Bytes this rank has sent to the other ranks, by collective."""
-        return dict(self.model.comm.bytes_sent)
+        """Bytes this rank has sent to the other ranks since start-up, by collective."""
+        start = self._bytes_sent_at_start
+        return {name: n - start.get(name, 0) for name, n in self.model.comm.bytes_sent.items()}
 
     def resident_parameter_bytes(self) -> dict[str, int]:
         """Bytes of parameters held by this rank, by kind (routed experts vs the rest)."""

@@ -151,3 +151,58 @@ def test_serve_without_ray_refuses_shards_and_replicas(capsys):
     assert main(["serve", "--no-ray-serve", "--tensor-parallel-size", "2"]) == 2
     assert "--tensor-parallel-size (2)" in capsys.readouterr().err
     assert main(["serve", "--no-ray-serve", "--num-replicas", "2"]) == 2
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_gpu_engine_flags_documented(command, capsys):
+    from ernie_cluster.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--gpu-memory-utilization" in usage and "default 0.9" in usage
+    assert "--attention-backend {auto,triton,torch}" in usage
+    assert "--enforce-eager" in usage and "without capturing CUDA graphs" in usage
+
+
+def test_gpu_engine_flags_reach_the_engine_config():
+    from ernie_cluster.cli.main import engine_kwargs
+    from ernie_cluster.config.engine_config import EngineConfig
+
+    defaults = engine_kwargs(build_parser().parse_args(["generate"]))
+    assert (
+        defaults["gpu_memory_utilization"],
+        defaults["attention_backend"],
+        defaults["enforce_eager"],
+    ) == (0.9, "auto", False)
+    flags = ("--gpu-memory-utilization", "0.75", "--attention-backend", "torch", "--enforce-eager")
+    engine = EngineConfig(
+        model="m", **engine_kwargs(build_parser().parse_args(["generate", *flags]))
+    )
+    assert (engine.gpu_memory_utilization, engine.attention_backend, engine.enforce_eager) == (
+        0.75,
+        "torch",
+        True,
+    )
+    served = serve_config(*flags).engine_config("m")
+    assert (served.gpu_memory_utilization, served.attention_backend, served.enforce_eager) == (
+        0.75,
+        "torch",
+        True,
+    )
+
+
+def test_gpu_engine_flags_rejected(tmp_path, capsys):
+    from ernie_cluster.cli.main import main
+
+    missing = str(tmp_path / "no-model")
+    assert main(["generate", "--model", missing, "--gpu-memory-utilization", "1.5"]) == 2
+    assert "gpu_memory_utilization must be in (0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["generate", "--model", missing, "--gpu-memory-utilization", "0"]) == 2
+    assert "got 0.0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        serve_config("--gpu-memory-utilization", "1.01")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--attention-backend", "flash"])
+    assert "invalid choice: 'flash'" in capsys.readouterr().err

@@ -55,6 +55,7 @@ def test_round_trips_through_serve_app_config(values):
     assert config.max_model_len == serve.get("maxModelLen")
     assert config.max_num_seqs == serve["maxNumSeqs"]
     assert config.max_num_batched_tokens == serve["maxNumBatchedTokens"]
+    assert config.gpu_memory_utilization == serve["gpuMemoryUtilization"]
     assert config.enable_prefix_caching is serve["enablePrefixCaching"]
     assert config.max_waiting_requests == serve.get("maxWaitingRequests")
     assert config.reasoning_parser == serve.get("reasoningParser")

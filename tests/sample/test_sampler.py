@@ -19,20 +19,25 @@ def random_logits(batch: int, vocab: int = VOCAB, seed: int = 0) -> torch.Tensor
     return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
 
 
+def sample_ids(logits: torch.Tensor, states: list[SamplingState]) -> list[int]:
+    return Sampler()(logits, states).to_host()[0]
+
+
 def test_greedy_equals_argmax():
     logits = random_logits(8)
     states = [make_state(SamplingParams(temperature=0.0)) for _ in range(8)]
     out = Sampler()(logits, states)
     assert isinstance(out, SamplerOutput)
-    assert out.token_ids == logits.argmax(dim=-1).tolist()
-    assert out.logprobs == [None] * 8
+    # The runner broadcasts token_ids across ranks before copying them to the host.
+    assert out.token_ids.dtype == torch.int64 and out.token_ids.is_contiguous()
+    assert out.token_ids.shape == (8,) and out.token_ids.device == logits.device
+    assert out.to_host() == (logits.argmax(dim=-1).tolist(), [None] * 8)
 
 
 def test_greedy_ties_pick_lowest_id():
     logits = torch.zeros(1, VOCAB)
     logits[0, [7, 3, 40]] = 5.0
-    out = Sampler()(logits, [make_state(SamplingParams(temperature=0.0))])
-    assert out.token_ids == [3]
+    assert sample_ids(logits, [make_state(SamplingParams(temperature=0.0))]) == [3]
 
 
 def test_greedy_with_penalties_matches_reference():
@@ -52,10 +57,10 @@ def test_greedy_with_penalties_matches_reference():
         ).tolist()
         output = torch.randint(0, VOCAB, (i,), generator=gen).tolist()
         states.append(make_state(params, prompt=prompt, output=output))
-    out = Sampler()(logits, states)
+    token_ids = sample_ids(logits, states)
     for i, state in enumerate(states):
         row = penalised_row(logits[i].tolist(), state)
-        assert out.token_ids[i] == max(range(VOCAB), key=lambda t: (row[t], -t)), i
+        assert token_ids[i] == max(range(VOCAB), key=lambda t: (row[t], -t)), i
 
 
 def test_penalties_change_the_greedy_choice():
@@ -68,7 +73,7 @@ def test_penalties_change_the_greedy_choice():
         SamplingParams(temperature=0.0, presence_penalty=0.6),
     ):
         state = make_state(params, prompt=[1], output=[5, 5])
-        assert Sampler()(logits, [state]).token_ids == [6], params
+        assert sample_ids(logits, [state]) == [6], params
 
 
 def test_does_not_mutate_logits_or_states():
@@ -105,8 +110,8 @@ def test_min_tokens_masks_stop_ids_until_reached():
     params = SamplingParams(temperature=0.0, min_tokens=3, stop_token_ids=[9])
     pending = make_state(params, output=[1, 2])
     assert pending.stop_token_ids == frozenset({0, 9})
-    assert Sampler()(logits, [pending]).token_ids == [20]
-    assert Sampler()(logits, [make_state(params, output=[1, 2, 3])]).token_ids == [0]
+    assert sample_ids(logits, [pending]) == [20]
+    assert sample_ids(logits, [make_state(params, output=[1, 2, 3])]) == [0]
 
 
 def test_min_tokens_masks_stop_ids_when_sampling():
@@ -115,7 +120,7 @@ def test_min_tokens_masks_stop_ids_when_sampling():
     logits[:, 0] = 2.0
     params = SamplingParams(temperature=1.0, min_tokens=1, stop_token_ids=[3, 1000])
     states = [make_state(params) for _ in range(4096)]
-    tokens = set(Sampler()(logits, states).token_ids)
+    tokens = set(sample_ids(logits, states))
     assert tokens == {1, 2, 4, 5, 6, 7}
 
 
@@ -126,7 +131,7 @@ def test_ignore_eos_keeps_user_stop_ids_only():
     logits = torch.zeros(1, VOCAB)
     logits[0, 9], logits[0, 0] = 10.0, 9.0
     # eos is no stop id any more, so min_tokens masks only 9 and eos may be sampled.
-    assert Sampler()(logits, [state]).token_ids == [0]
+    assert sample_ids(logits, [state]) == [0]
 
 
 def test_mixed_batch_greedy_rows_unaffected():
@@ -135,8 +140,7 @@ def test_mixed_batch_greedy_rows_unaffected():
         make_state(SamplingParams(temperature=0.0 if i % 2 == 0 else 1.0, top_k=4))
         for i in range(6)
     ]
-    out = Sampler()(logits, states)
-    assert out.token_ids[0::2] == logits[0::2].argmax(dim=-1).tolist()
+    assert sample_ids(logits, states)[0::2] == logits[0::2].argmax(dim=-1).tolist()
 
 
 def test_rejects_mismatched_batch():
@@ -166,7 +170,7 @@ def test_sample_distribution_matches_reference(params: SamplingParams):
 
     torch.manual_seed(1234)
     # Every row is the same request: one call gives num_draws independent draws.
-    tokens = Sampler()(row.expand(num_draws, -1), [state] * num_draws).token_ids
+    tokens = sample_ids(row.expand(num_draws, -1), [state] * num_draws)
     counts = torch.bincount(torch.tensor(tokens), minlength=32).tolist()
 
     support = {t for t, c in enumerate(counts) if c}
@@ -187,7 +191,7 @@ def test_top_k_one_and_tiny_top_p_are_greedy():
         )
         for i in range(16)
     ]
-    assert Sampler()(logits, states).token_ids == logits.argmax(dim=-1).tolist()
+    assert sample_ids(logits, states) == logits.argmax(dim=-1).tolist()
 
 
 def run_steps(states, target: int, logits_for_step, num_steps: int = 20) -> list[int]:
@@ -195,10 +199,10 @@ def run_steps(states, target: int, logits_for_step, num_steps: int = 20) -> list
     sampler = Sampler()
     tokens = []
     for step in range(num_steps):
-        out = sampler(logits_for_step(step, len(states), target), states)
-        for state, token in zip(states, out.token_ids, strict=True):
+        token_ids, _ = sampler(logits_for_step(step, len(states), target), states).to_host()
+        for state, token in zip(states, token_ids, strict=True):
             state.output_token_ids.append(token)
-        tokens.append(out.token_ids[target])
+        tokens.append(token_ids[target])
     return tokens
 
 
@@ -273,12 +277,12 @@ def test_logprobs_are_raw_log_softmax(num_top: int):
             output=logits[2].topk(3).indices.tolist(),
         ),
     ]
-    out = Sampler()(logits, states)
+    token_ids, logprobs = Sampler()(logits, states).to_host()
     reference = torch.log_softmax(logits, dim=-1)
-    assert out.logprobs[1] is None
+    assert logprobs[1] is None
     for row in (0, 2):
-        entry = out.logprobs[row]
-        sampled = out.token_ids[row]
+        entry = logprobs[row]
+        sampled = token_ids[row]
         top_ids = reference[row].topk(num_top).indices.tolist()
         assert sampled in entry
         assert list(entry)[:num_top] == top_ids
@@ -287,13 +291,13 @@ def test_logprobs_are_raw_log_softmax(num_top: int):
         for token, value in entry.items():
             assert value == pytest.approx(reference[row, token].item(), abs=1e-5)
     # Row 2's penalties moved the greedy pick off the raw argmax; logprobs still say raw.
-    assert out.token_ids[2] != logits[2].argmax().item()
+    assert token_ids[2] != logits[2].argmax().item()
 
 
 def test_tiny_temperature_is_greedy_not_nan():
     logits = random_logits(4, seed=31)
     states = [make_state(SamplingParams(temperature=1e-40, top_p=0.5)) for _ in range(4)]
-    assert Sampler()(logits, states).token_ids == logits.argmax(dim=-1).tolist()
+    assert sample_ids(logits, states) == logits.argmax(dim=-1).tolist()
 
 
 def test_state_built_without_create_is_penalised_from_its_lists():
@@ -301,4 +305,24 @@ def test_state_built_without_create_is_penalised_from_its_lists():
     state = SamplingState(params, [5], [], frozenset(), None)  # no cached prompt tensor
     logits = torch.zeros(1, VOCAB)
     logits[0, 5], logits[0, 6] = 2.0, 1.0
-    assert Sampler()(logits, [state]).token_ids == [6]
+    assert sample_ids(logits, [state]) == [6]
+
+
+def test_logprobs_for_a_subset_of_rows_and_more_than_the_vocabulary():
+    # Two of four rows ask, one for more alternatives than the 5-token vocabulary has.
+    logits = random_logits(4, vocab=5, seed=41)
+    states = [
+        make_state(SamplingParams(temperature=0.0)),
+        make_state(SamplingParams(temperature=1.0, logprobs=20, seed=1)),
+        make_state(SamplingParams(temperature=1.0)),
+        make_state(SamplingParams(temperature=0.0, logprobs=2)),
+    ]
+    token_ids, logprobs = Sampler()(logits, states).to_host()
+    reference = torch.log_softmax(logits, dim=-1)
+    assert logprobs[0] is None and logprobs[2] is None
+    assert list(logprobs[1]) == reference[1].argsort(descending=True).tolist()
+    top_two = reference[3].topk(2).indices.tolist()
+    assert list(logprobs[3])[:2] == top_two and token_ids[3] == top_two[0]
+    for row in (1, 3):
+        for token, value in logprobs[row].items():
+            assert value == pytest.approx(reference[row, token].item(), abs=1e-6)

@@ -80,6 +80,16 @@ class ServeAppConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Fraction of each GPU's memory for weights, activations and KV cache",
+    )
+    attention_backend: Literal["auto", "triton", "torch"] = Field(
+        "auto", description="Paged attention kernels ('auto': triton on CUDA, else torch)"
+    )
+    enforce_eager: bool = Field(False, description="No CUDA-graph capture of decode steps")
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     api_key: str | None = Field(None, description="Bearer token required on /v1 routes")
@@ -141,5 +151,8 @@ class ServeAppConfig(BaseModel):
             num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
+            gpu_memory_utilization=self.gpu_memory_utilization,
+            attention_backend=self.attention_backend,
+            enforce_eager=self.enforce_eager,
             show_progress=False,
         )

@@ -90,6 +90,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 {{- $_ := set $args "max_num_seqs" (int $s.maxNumSeqs) }}
 {{- $_ := set $args "max_num_batched_tokens" (int $s.maxNumBatchedTokens) }}
+{{- $_ := set $args "gpu_memory_utilization" (float64 $s.gpuMemoryUtilization) }}
 {{- $_ := set $args "enable_prefix_caching" $s.enablePrefixCaching }}
 {{- if $s.maxWaitingRequests }}
 {{- $_ := set $args "max_waiting_requests" (int $s.maxWaitingRequests) }}

@@ -1,0 +1,268 @@
+"""Routed experts without host syncs: (token, slot) pairs sorted by expert on the device, grouped
+GEMMs for gate_up and down with SiLU·mul between them, and a float32 combine in slot order.
+
+Owns the pair sort, the alignment of sorted pairs to per-expert tiles (for the Triton kernels in
+`triton_moe`), the torch paths (torch._grouped_mm, and the old per-expert loop as an opt-in)
+and the choice between them. Only the opt-in "loop" method reads a device tensor on the host
+or issues ops that depend on the routing; the others run the same ops for any routing, so a
+step can be captured as a CUDA graph or compiled whole. `python -m ernie_cluster.model.fused_moe`
+times the methods on this machine.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("auto", "grouped_mm", "triton", "loop")
+"""auto: triton on CUDA (grouped_mm where triton is missing), grouped_mm on CPU.
+grouped_mm: torch._grouped_mm (sync-free on CUDA for bfloat16 on sm90+; on CPU wrapped so
+float32 compiles too). loop: one matmul pair per active expert, counts read on the host; faster
+on CPU at one token (fewer empty-expert visits) but syncs: opt-in only."""
+
+
+def sort_pairs(
+    topk_ids: torch.Tensor, expert_start: int, num_local: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [M, k] global expert ids -> (local [P] expert of each pair, `num_local` for a
+    pair not owned here; order [P] pair ids sorted by local expert, stable, not-owned last;
+    counts [num_local + 1] pairs per local expert, not-owned last). P = M * k."""
+    local = topk_ids.reshape(-1) - expert_start  # [P]
+    owned = (local >= 0) & (local < num_local)
+    local = torch.where(owned, local, num_local)
+    order = torch.argsort(local, stable=True)  # [P]
+    # NOTE: bincount sizes its output from the data (a host sync on CUDA); scatter_add does not.
+    counts = torch.zeros(num_local + 1, dtype=torch.int64, device=local.device)
+    counts.scatter_add_(0, local, torch.ones_like(local))
+    return local, order, counts
+
+
+def max_tiles(num_pairs: int, num_local: int, block_m: int) -> int:
+    """Upper bound on sum over experts of ceil(count / block_m) when the counts add up to at
+    most `num_pairs`: at most min(P, E) experts are non-empty, each wasting < block_m rows."""
+    return (num_pairs + min(num_pairs, num_local) * (block_m - 1)) // block_m
+
+
+def align_to_tiles(
+    local: torch.Tensor, order: torch.Tensor, counts: torch.Tensor, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted pairs laid out in tiles of `block_m` rows, each tile holding one expert's pairs.
+
+    Returns tile_pairs [T * block_m] int32 (pair id, or P on padding rows) and tile_experts [T]
+    int32 (local expert of each tile, -1 for tiles past the last used one). T is the static bound
+    `max_tiles`, so the shapes never depend on the routing; unused tiles cost one early exit.
+    """
+    num_pairs, num_local = order.numel(), counts.numel() - 1
+    num_tiles = max_tiles(num_pairs, num_local, block_m)
+    device = order.device
+    tiles = (counts[:num_local] + block_m - 1) // block_m  # [E] tiles per expert
+    tile_end = tiles.cumsum(0)  # [E]
+    first_row = (tile_end - tiles) * block_m  # [E] first padded row of each expert
+    group_start = counts.cumsum(0) - counts  # [E + 1] first sorted position of each expert
+    sorted_local = local[order]  # [P]
+    rank = torch.arange(num_pairs, device=device) - group_start[sorted_local]  # [P]
+    row = first_row[sorted_local.clamp(max=num_local - 1)] + rank
+    # Not-owned pairs go to one spare slot past the end, dropped below.
+    row = torch.where(sorted_local < num_local, row, num_tiles * block_m)
+    tile_pairs = torch.full(
+        (num_tiles * block_m + 1,), num_pairs, dtype=torch.int32, device=device
+    ).scatter_(0, row, order.to(torch.int32))[:-1]
+    tile = torch.arange(num_tiles, device=device)
+    tile_experts = torch.searchsorted(tile_end, tile, right=True)  # [T] in [0, E]
+    tile_experts = torch.where(tile_experts < num_local, tile_experts, -1).to(torch.int32)
+    return tile_pairs, tile_experts
+
+
+def sum_slots(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weighted [M, k, H] -> [M, H] in `dtype`, added in float32 in slot order j = 0..k-1.
+
+    NOTE: the expert-parallel exchange adds the same products in the same order, so a token's
+    output is bit-identical whichever rank ran its experts.
+    """
+    total = weighted[:, 0].float()
+    for slot in range(1, weighted.shape[1]):
+        total = total + weighted[:, slot].float()
+    return total.to(dtype)
+
+
+def cuda_grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
+    """torch._grouped_mm's CUDA fast path: bfloat16, row strides multiples of 16 bytes."""
+    inter, hidden = gate_up.shape[1] // 2, gate_up.shape[2]
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.dtype == torch.bfloat16
+        and hidden % 8 == 0
+        and inter % 8 == 0
+    )
+
+
+def resolve_method(method: str, x: torch.Tensor, gate_up: torch.Tensor) -> str:
+    if method not in METHODS:
+        raise ValueError(f"unknown MoE method {method!r}; expected one of {METHODS}")
+    if method != "auto":
+        return method
+    if not x.is_cuda:
+        return "grouped_mm"
+    from ernie_cluster.model import triton_moe
+
+    if triton_moe.is_available():
+        return "triton"
+    return "grouped_mm" if cuda_grouped_mm_supported(x, gate_up) else "loop"
+
+
+def fused_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    expert_start: int,
+    method: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, H], topk_ids [M, k] global ids, topk_weights [M, k] or None (weight 1), gate_up
+    [E, 2I, H] (gate rows first), down [E, H, I] for experts [expert_start, expert_start + E)
+    -> (out [M, H] in x's dtype, pairs routed to each local expert [E] int64).
+
+    out[m] = sum over slots j owned here of w[m, j] * expert(x[m]): the expert output and its
+    product with the weight each rounded to x's dtype, the products summed in float32 in slot
+    order. NOTE: that is transformers' rounding (its bf16 combine multiplies in bf16), so with
+    top-2 a bf16 layer matches it bit for bit; the exchange at W > 1 must round the same way.
+    """
+    num_tokens, top_k = topk_ids.shape
+    num_local = gate_up.shape[0]
+    method = resolve_method(method, x, gate_up)
+    local, order, counts = sort_pairs(topk_ids, expert_start, num_local)
+    if method == "triton":
+        from ernie_cluster.model import triton_moe
+
+        config = triton_moe.pick_config(order.numel(), num_local)
+        tile_pairs, tile_experts = align_to_tiles(local, order, counts, config.block_m)
+        weighted = triton_moe.run_experts(
+            x, tile_pairs, tile_experts, topk_weights, gate_up, down, top_k, config
+        )  # [P, H], zero for pairs not owned here
+        return sum_slots(weighted.view(num_tokens, top_k, x.shape[1]), x.dtype), counts[:num_local]
+
+    rows = x.index_select(0, order // top_k)  # [P, H] grouped by expert, not-owned last
+    if method == "grouped_mm":
+        sorted_out = _grouped_mm_swiglu(rows, gate_up, down, counts[:num_local])
+    else:
+        sorted_out = _loop_swiglu(rows, gate_up, down, counts[:num_local])
+    expert_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)  # pair order
+    owned = (local < num_local).view(num_tokens, top_k, 1)
+    weighted = expert_out.view(num_tokens, top_k, x.shape[1])  # [M, k, H] in x's dtype
+    if topk_weights is not None:
+        weighted = weighted * topk_weights.to(x.dtype).unsqueeze(-1)
+    # NOTE: rows of not-owned pairs were never computed and may hold NaN, so they are selected
+    # away rather than multiplied by a zero weight.
+    weighted = torch.where(owned, weighted, 0.0)
+    return sum_slots(weighted, x.dtype), counts[:num_local]
+
+
+@torch.library.custom_op("ernie_cluster::grouped_mm", mutates_args=(), device_types="cpu")
+def _cpu_grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm on CPU as an op torch.compile can trace in any dtype: its fake kernel
+    accepts only bfloat16, though the CPU kernel runs float32 too."""
+    width, itemsize = weights.shape[-1], rows.element_size()
+    if (rows.shape[1] * itemsize) % 16 == 0 and (width * itemsize) % 16 == 0:
+        return torch._grouped_mm(rows, weights, offs=offs)
+    # Shapes its 16-byte stride rule rejects (no real config): one mm per non-empty group.
+    out = rows.new_empty(rows.shape[0], width)
+    start = 0
+    for group, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(rows[start:end], weights[group], out=out[start:end])
+        start = end
+    return out
+
+
+@_cpu_grouped_mm.register_fake
+def _(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], weights.shape[-1])
+
+
+def _grouped_mm(rows: torch.Tensor, weights: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """rows [P, K] sorted by group, weights [G, K, N], offs [G] int32 group ends -> [P, N];
+    rows past the last end are left unset."""
+    if rows.is_cuda:
+        return torch._grouped_mm(rows, weights, offs=offs)
+    return torch.ops.ernie_cluster.grouped_mm(rows, weights, offs)  # skips custom_op's wrapper
+
+
+def _grouped_mm_swiglu(
+    rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """rows [P, H] sorted by expert, counts [E] -> [P, H]; rows past the owned ones are left
+    unset (grouped_mm skips rows beyond the last offset)."""
+    offsets = counts.cumsum(0, dtype=torch.int32)  # [E] end row of each expert
+    gate_up_out = _grouped_mm(rows, gate_up.transpose(1, 2), offsets)  # [P, 2I]
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), offsets)  # [P, H]
+
+
+def _loop_swiglu(
+    rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
+) -> torch.Tensor:
+    """The per-expert loop: reads the counts on the host and runs one matmul pair per active
+    expert. Kept to measure against and for shapes grouped_mm rejects."""
+    out = torch.empty_like(rows)
+    offset = 0
+    for expert, count in enumerate(counts.tolist()):
+        if count == 0:
+            continue
+        chunk = rows[offset : offset + count]
+        gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
+        out[offset : offset + count] = F.linear(F.silu(gate) * up, down[expert])
+        offset += count
+    return out
+
+
+def _benchmark(rounds: int = 5, repeats: int = 10) -> None:
+    """Times each method on the `mini` (CPU, one thread) or real (CUDA) expert shapes: median
+    ms per layer over interleaved rounds; CPU time on CPU, so other processes skew it less."""
+    import statistics
+    import time
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    hidden, inter, num_experts, top_k = (2560, 1536, 64, 6) if cuda else (640, 192, 64, 6)
+    if not cuda:
+        torch.set_num_threads(1)
+    clock = time.perf_counter if cuda else time.thread_time
+    methods = ["triton", "grouped_mm", "loop"] if cuda else ["grouped_mm", "loop"]
+    print(f"{device} H={hidden} I={inter} E={num_experts} top-{top_k}: ms per layer")
+    for dtype in (torch.bfloat16,) if cuda else (torch.float32, torch.bfloat16):
+        gen = torch.Generator(device).manual_seed(0)
+        shape = (num_experts, 2 * inter, hidden)
+        gate_up = torch.randn(shape, device=device, generator=gen).mul(hidden**-0.5).to(dtype)
+        shape = (num_experts, hidden, inter)
+        down = torch.randn(shape, device=device, generator=gen).mul(inter**-0.5).to(dtype)
+        for tokens in (1, 16, 64, 256, 1024, 4096) if cuda else (1, 16, 64, 256):
+            x = torch.randn(tokens, hidden, device=device, generator=gen).to(dtype)
+            scores = torch.rand(tokens, num_experts, device=device, generator=gen)
+            weights, ids = torch.topk(scores, top_k, dim=-1)
+            weights = weights.to(dtype)
+            times: dict[str, list[float]] = {method: [] for method in methods}
+            outputs = {}
+            with torch.inference_mode():
+                for method in methods:  # warm-up (Triton compiles here)
+                    outputs[method] = fused_experts(x, ids, weights, gate_up, down, 0, method)[0]
+                for _ in range(rounds):
+                    for method in methods:
+                        if cuda:
+                            torch.cuda.synchronize()
+                        start = clock()
+                        for _ in range(repeats):
+                            fused_experts(x, ids, weights, gate_up, down, 0, method)
+                        if cuda:
+                            torch.cuda.synchronize()
+                        times[method].append((clock() - start) / repeats * 1e3)
+            ref = outputs["loop"].float()
+            cells = [
+                f"{m} {statistics.median(t):8.3f} (diff {(outputs[m].float() - ref).abs().max():.1e})"
+                for m, t in times.items()
+            ]
+            print(f"{str(dtype)[6:]:9} tokens={tokens:5}  " + "  ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    _benchmark()

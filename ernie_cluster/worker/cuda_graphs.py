@@ -1,0 +1,141 @@
+"""CUDA graphs of the decode forward, one per batch-size bucket, replayed on decode-only steps.
+
+A decode step of B sequences runs the graph of the smallest bucket >= B: the step's inputs are
+copied into the graph's static buffers, the rows past B are padding (token 0 at position 0,
+writing its K/V into a spare sink block that no request owns, attending to that one key), and
+the rows the caller samples are always real ones. Steps with a prefill chunk, or more decodes
+than the largest bucket, run eagerly. At W > 1 every rank captures the same buckets in the same
+order, so the NCCL collectives inside the graphs line up.
+
+Attention kernels size their launch grids from host facts; captured graphs see the bound
+`max_model_len` as every sequence's host length, while the device tensors carry the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.worker.input_batch import StepInputs
+
+logger = logging.getLogger(__name__)
+
+
+def batch_buckets(max_num_seqs: int) -> list[int]:
+    """1, 2, 4, 8, 16, 24, 32, 48, 64, then every 32 up to 256 and every 64 after, capped at
+    (and always including) max_num_seqs."""
+    sizes = [1, 2, 4, 8, 16, 24, 32, 48, 64]
+    sizes += list(range(96, 257, 32))
+    sizes += list(range(320, max(max_num_seqs, 320) + 1, 64))
+    buckets = sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
+    return buckets
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [padded rows of this rank, H] written by every replay
+
+
+class DecodeGraphs:
+    """Static decode inputs for the largest bucket; each bucket's graph reads a prefix."""
+
+    def __init__(self, runner, buckets: list[int]) -> None:
+        self.runner = runner
+        self.model = runner.model
+        self.buckets = buckets
+        batch = runner.input_batch
+        self.block_size = batch.block_size
+        self.max_len = batch.max_blocks_per_req * batch.block_size
+        self.sink_block = runner.num_blocks  # the spare block allocated past the pool
+        device, max_b = runner.device, buckets[-1]
+        self.input_ids = torch.zeros(max_b, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_b, dtype=torch.long, device=device)
+        self.slot_mapping = torch.zeros(max_b, dtype=torch.long, device=device)
+        self.query_start_loc = torch.arange(max_b + 1, dtype=torch.int32, device=device)
+        self.seq_lens = torch.ones(max_b, dtype=torch.int32, device=device)
+        self.block_table = torch.zeros(
+            (max_b, batch.max_blocks_per_req), dtype=torch.int32, device=device
+        )
+        self.graphs: dict[int, _Graph] = {}
+        self._pad()
+
+    def _pad(self, start: int = 0) -> None:
+        """Rows [start, max) become padding: one key in the sink block."""
+        self.input_ids[start:] = 0
+        self.positions[start:] = 0
+        self.slot_mapping[start:] = self.sink_block * self.block_size
+        self.seq_lens[start:] = 1
+        self.block_table[start:, 0] = self.sink_block
+
+    def _meta(self, size: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            query_lens=[1] * size,
+            seq_lens=[self.max_len] * size,  # host bound only; see the module docstring
+            block_size=self.block_size,
+            slot_mapping=self.slot_mapping[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            seq_lens_tensor=self.seq_lens[:size],
+            block_table=self.block_table[:size],
+            num_decodes=size,
+        )
+
+    def _forward(self, size: int) -> torch.Tensor:
+        return self.model(self.input_ids[:size], self.positions[:size], self._meta(size))
+
+    @classmethod
+    def capture(cls, runner) -> DecodeGraphs:
+        buckets = batch_buckets(runner.config.max_num_seqs)
+        graphs = cls(runner, buckets)
+        device = runner.device
+        torch.cuda.synchronize(device)
+        free_before, _ = torch.cuda.mem_get_info(device)
+        pool = torch.cuda.graph_pool_handle()
+        # NOTE: largest first, so the smaller graphs reuse the largest one's memory pool.
+        with torch.inference_mode():
+            for size in reversed(buckets):
+                graphs._forward(size)  # warm-up: lazy inits and kernel autotuning, eagerly
+                torch.cuda.synchronize(device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    hidden = graphs._forward(size)
+                graphs.graphs[size] = _Graph(graph, hidden)
+        torch.cuda.synchronize(device)
+        free_after, _ = torch.cuda.mem_get_info(device)
+        logger.info(
+            "captured %d decode CUDA graphs (batch %d..%d): %.1f MiB",
+            len(buckets),
+            buckets[0],
+            buckets[-1],
+            (free_before - free_after) / 2**20,
+        )
+        return graphs
+
+    def bucket_for(self, num_seqs: int) -> int | None:
+        for size in self.buckets:
+            if size >= num_seqs:
+                return size
+        return None
+
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """The step's hidden rows from a graph replay, or None when it must run eagerly."""
+        meta = inputs.meta
+        num_seqs = meta.num_seqs
+        if meta.num_decodes != num_seqs or num_seqs == 0:
+            return None
+        size = self.bucket_for(num_seqs)
+        if size is None:
+            return None
+        self.input_ids[:num_seqs].copy_(inputs.input_ids)
+        self.positions[:num_seqs].copy_(inputs.positions)
+        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
+        self.seq_lens[:num_seqs].copy_(meta.seq_lens_tensor)
+        columns = meta.block_table.shape[1]
+        self.block_table[:num_seqs, :columns].copy_(meta.block_table)
+        self._pad(num_seqs)
+        entry = self.graphs[size]
+        entry.graph.replay()
+        return entry.hidden

@@ -1,0 +1,153 @@
+"""The worker's persistent batch: one row per live request, kept on the device between steps.
+
+A request gets a row when it arrives and keeps it until it finishes. The row's block table
+lives in a device tensor [max_num_reqs, max_blocks_per_req] with a host mirror; a step sends
+only the entries that changed (new blocks) as (row, column, block) triples, applied on the
+device. All of a step's host->device inputs (token ids, positions, slots, offsets, rows,
+table edits) travel as ONE packed int64 buffer, pinned on CUDA. Nothing here reads a device
+tensor back: building a step costs host time in the number of new tokens and sequences, never
+in the context length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ernie_cluster.attention.metadata import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    """One step's device tensors, views of the uploaded buffer (or derived on the device)."""
+
+    input_ids: torch.Tensor  # [N] int64
+    positions: torch.Tensor  # [N] int64
+    sample_rows: torch.Tensor  # [S] int64 flat rows whose logits are sampled
+    meta: AttentionMetadata
+
+
+class InputBatch:
+    def __init__(
+        self,
+        max_num_reqs: int,
+        max_blocks_per_req: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.max_num_reqs = max_num_reqs
+        self.max_blocks_per_req = max_blocks_per_req
+        self.block_size = block_size
+        self.device = device
+        self.block_table = torch.zeros(
+            (max_num_reqs, max_blocks_per_req), dtype=torch.int32, device=device
+        )
+        self.block_table_host = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int64)
+        self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)  # [R] blocks held per row
+        self._free_rows = list(range(max_num_reqs - 1, -1, -1))
+        self._pending_edits: list[np.ndarray] = []  # [k, 3] (row, column, block) triples
+        self._pinned = device.type == "cuda"
+        self._staging = torch.empty(0, dtype=torch.int64, pin_memory=self._pinned)
+        self._staging_host = self._staging.numpy()  # the same memory, written by numpy
+
+    # ------------------------------------------------------------------ rows and tables
+    def add_row(self, block_ids: list[int]) -> int:
+        if not self._free_rows:
+            raise RuntimeError(f"more than max_num_reqs={self.max_num_reqs} live requests")
+        row = self._free_rows.pop()
+        self.num_blocks[row] = 0
+        self.append_blocks(row, block_ids)
+        return row
+
+    def free_row(self, row: int) -> None:
+        self._free_rows.append(row)
+
+    def reset_blocks(self, row: int, block_ids: list[int]) -> None:
+        """A request back from preemption: its table starts over."""
+        self.num_blocks[row] = 0
+        self.append_blocks(row, block_ids)
+
+    def append_blocks(self, row: int, block_ids: list[int]) -> None:
+        if not block_ids:
+            return
+        start = int(self.num_blocks[row])
+        stop = start + len(block_ids)
+        if stop > self.max_blocks_per_req:
+            raise ValueError(
+                f"a request holds {stop} blocks, more than max_blocks_per_req="
+                f"{self.max_blocks_per_req} (max_model_len / block_size)"
+            )
+        self.block_table_host[row, start:stop] = block_ids
+        self.num_blocks[row] = stop
+        edits = np.empty((stop - start, 3), dtype=np.int64)
+        edits[:, 0] = row
+        edits[:, 1] = np.arange(start, stop)
+        edits[:, 2] = block_ids
+        self._pending_edits.append(edits)
+
+    # ------------------------------------------------------------------ one step
+    def prepare(
+        self,
+        rows: np.ndarray,
+        query_lens: np.ndarray,
+        seq_lens: np.ndarray,
+        input_ids: np.ndarray,
+        sample_rows: np.ndarray,
+        num_decodes: int,
+    ) -> StepInputs:
+        """rows/query_lens/seq_lens [B] in batch order (decodes first); input_ids [N];
+        sample_rows [S] -> the step's device inputs, uploaded as one packed copy."""
+        num_seqs, num_tokens = len(rows), len(input_ids)
+        seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [N]
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        np.cumsum(query_lens, out=starts[1:])
+        positions = np.arange(num_tokens) - starts[seq_of_token]
+        positions += (seq_lens - query_lens)[seq_of_token]  # [N] absolute positions
+        blocks = self.block_table_host[rows[seq_of_token], positions // self.block_size]
+        slots = blocks * self.block_size + positions % self.block_size  # [N]
+        edits = (
+            np.concatenate(self._pending_edits).reshape(-1)
+            if self._pending_edits
+            else np.empty(0, dtype=np.int64)
+        )
+        self._pending_edits.clear()
+        parts = (input_ids, positions, slots, starts, seq_lens, rows, sample_rows, edits)
+        device_parts = self._upload(parts)
+        ids_d, pos_d, slots_d, starts_d, seq_lens_d, rows_d, sample_d, edits_d = device_parts
+        if edits_d.numel():
+            triples = edits_d.view(-1, 3)  # [k, 3]
+            self.block_table[triples[:, 0], triples[:, 1]] = triples[:, 2].to(torch.int32)
+        max_seq_len = int(seq_lens.max()) if num_seqs else 0
+        num_columns = max(1, -(-max_seq_len // self.block_size))
+        # [B, columns]: the batch's rows of the persistent table, on the device
+        table = self.block_table[:, :num_columns].index_select(0, rows_d)
+        meta = AttentionMetadata(
+            query_lens=query_lens.tolist(),
+            seq_lens=seq_lens.tolist(),
+            block_size=self.block_size,
+            slot_mapping=slots_d,
+            query_start_loc=starts_d.to(torch.int32),
+            seq_lens_tensor=seq_lens_d.to(torch.int32),
+            block_table=table,
+            num_decodes=num_decodes,
+        )
+        return StepInputs(input_ids=ids_d, positions=pos_d, sample_rows=sample_d, meta=meta)
+
+    def _upload(self, parts: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
+        """Concatenate int64 host arrays, copy them to the device once, split into views."""
+        sizes = [len(p) for p in parts]
+        total = sum(sizes)
+        if self._staging.numel() < total:
+            self._staging = torch.empty(
+                max(total, 2 * self._staging.numel()), dtype=torch.int64, pin_memory=self._pinned
+            )
+            self._staging_host = self._staging.numpy()
+        # NOTE: the staging buffer is reused: the previous step's copy has finished, because
+        # that step ended by copying its sampled tokens back (which waits for the stream).
+        # copy=True: on CPU the views must not alias the buffer the next step overwrites.
+        host = self._staging_host[:total]
+        np.concatenate(parts, out=host, casting="unsafe")
+        device = self._staging[:total].to(self.device, non_blocking=self._pinned, copy=True)
+        return list(device.split(sizes))
