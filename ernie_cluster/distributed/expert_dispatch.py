@@ -115,7 +115,7 @@ def dispatch_combine(
     # as run_experts (and the reference implementation) round it.
     out = (pair_out[:, 0] * weights[:, 0, None]).float()  # [n, H] float32
     for j in range(1, top_k):
-        out = out + (pair_out[:, j] * weights[:, j, None]).float()
+        out.add_(pair_out[:, j] * weights[:, j, None])  # widened to float32 inside the add
     return out.to(hidden.dtype)
 
 

@@ -79,9 +79,13 @@ def sum_slots(weighted: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     NOTE: the expert-parallel exchange adds the same products in the same order, so a token's
     output is bit-identical whichever rank ran its experts.
     """
-    total = weighted[:, 0].float()
+    first = weighted[:, 0]
+    # A fresh float32 tensor to add into (.float() of float32 input would be a view).
+    total = first.clone() if first.dtype == torch.float32 else first.float()
     for slot in range(1, weighted.shape[1]):
-        total = total + weighted[:, slot].float()
+        # NOTE: a bfloat16 operand is widened inside the add (exactly, as .float() would),
+        # which saves a converted copy per slot.
+        total.add_(weighted[:, slot])
     return total.to(dtype)
 
 
@@ -118,6 +122,7 @@ def fused_experts(
     down: torch.Tensor,
     expert_start: int,
     method: str = "auto",
+    all_owned: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, H], topk_ids [M, k] global ids, topk_weights [M, k] or None (weight 1), gate_up
     [E, 2I, H] (gate rows first), down [E, H, I] for experts [expert_start, expert_start + E)
@@ -127,6 +132,8 @@ def fused_experts(
     product with the weight each rounded to x's dtype, the products summed in float32 in slot
     order. NOTE: that is transformers' rounding (its bf16 combine multiplies in bf16), so with
     top-2 a bf16 layer matches it bit for bit; the exchange at W > 1 must round the same way.
+    `all_owned`: the caller knows every id is a valid expert held here (one rank, router ids),
+    which saves masking the pairs that are not.
     """
     num_tokens, top_k = topk_ids.shape
     num_local = gate_up.shape[0]
@@ -147,14 +154,16 @@ def fused_experts(
         sorted_out = _grouped_mm_swiglu(rows, gate_up, down, counts[:num_local])
     else:
         sorted_out = _loop_swiglu(rows, gate_up, down, counts[:num_local])
+    if topk_weights is not None:  # weighted in sorted order: the same products, one pass less
+        sorted_weights = topk_weights.reshape(-1).to(x.dtype).index_select(0, order)  # [P]
+        sorted_out = sorted_out.mul_(sorted_weights.unsqueeze(-1))
     expert_out = torch.empty_like(sorted_out).index_copy_(0, order, sorted_out)  # pair order
-    owned = (local < num_local).view(num_tokens, top_k, 1)
     weighted = expert_out.view(num_tokens, top_k, x.shape[1])  # [M, k, H] in x's dtype
-    if topk_weights is not None:
-        weighted = weighted * topk_weights.to(x.dtype).unsqueeze(-1)
-    # NOTE: rows of not-owned pairs were never computed and may hold NaN, so they are selected
-    # away rather than multiplied by a zero weight.
-    weighted = torch.where(owned, weighted, 0.0)
+    if not all_owned:
+        # NOTE: rows of not-owned pairs were never computed and may hold NaN, so they are
+        # selected away rather than multiplied by a zero weight.
+        owned = (local < num_local).view(num_tokens, top_k, 1)
+        weighted = torch.where(owned, weighted, 0.0)
     return sum_slots(weighted, x.dtype), counts[:num_local]
 
 

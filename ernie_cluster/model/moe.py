@@ -75,9 +75,11 @@ class Ernie4_5_MoeExperts(nn.Module):
         x: torch.Tensor,
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor | None,
+        all_owned: bool = False,
     ) -> torch.Tensor:
         """x [M, H], topk_ids [M, k] global expert ids, topk_weights [M, k] or None (weight 1)
         -> [M, H]: out[m] = sum over slots j of w[m, j] * expert_{ids[m, j]}(x[m]).
+        `all_owned` promises every id is an expert held here (one rank, router output).
 
         Slots whose id is -1 or not owned by this rank add nothing (and cost no GEMM work). The
         sum runs in float32 in slot order, then casts to x's dtype. No host sync (see
@@ -91,6 +93,7 @@ class Ernie4_5_MoeExperts(nn.Module):
             self.down_proj,
             self.expert_start,
             self.method,
+            all_owned=all_owned,
         )
         self.tokens_per_expert[self.expert_start : self.expert_stop] += counts
         return out
@@ -137,15 +140,18 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         the most tokens any rank holds this step (a host int, equal on every rank); given, the
         expert-parallel exchange needs no host sync (see distributed/expert_dispatch)."""
         expert_ids, weights = self.gate(hidden)
-        out = dispatch_combine(
-            hidden,
-            expert_ids,
-            weights,
-            self.experts.forward_pairs,
-            self.experts_per_rank,
-            self.comm,
-            max_local_tokens=max_local_tokens,
-        )
+        if self.comm.world_size == 1:  # every expert is here and every id is a real one
+            out = self.experts.forward_pairs(hidden, expert_ids, weights, all_owned=True)
+        else:
+            out = dispatch_combine(
+                hidden,
+                expert_ids,
+                weights,
+                self.experts.forward_pairs,
+                self.experts_per_rank,
+                self.comm,
+                max_local_tokens=max_local_tokens,
+            )
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out
