@@ -1,15 +1,17 @@
 """Ops (kernel launches on a GPU) and host syncs of one decode step, on the real layer shapes.
 
-One `ModelRunner.execute_model` decode step runs under a torch dispatch mode that counts
-every aten op and every host sync (`_local_scalar_dense`, `nonzero`, `item`, `is_nonzero`,
-`equal`, and Python-level `.tolist()`/`.numpy()` reads, which no aten op shows on CPU). The
+One `ModelRunner.execute_model` decode step runs under `ernie_cluster.diagnostics.SyncRecorder`,
+a torch dispatch mode that counts every aten op and every host sync (sync ops such as
+`_local_scalar_dense` and `nonzero`, boolean-mask indexing, and the `.tolist()`/`.numpy()`/
+`.cpu()`/`.item()` reads that no aten op shows on CPU). The
 model has the full preset's widths (hidden 2560, 20/4 heads of 128, 64 experts of 1536 top-6
 plus shared, vocab 103424) in bfloat16 on the CPU, routing spread over the experts, with 2 and 3 layers (one dense, then MoE);
 the 28-layer figure is extrapolated: ops(2) + 26 x (ops(3) - ops(2)). Weights are random; the
 counts do not depend on their values, only on the routing spread, which random weights give.
 
-The same script runs on an older checkout too (it adapts to the old ModelRunner signature),
-which is how the "before" column of RESULTS.md was taken.
+The same script runs on an older checkout too (it adapts to the old ModelRunner signature;
+copy ernie_cluster/diagnostics.py along), which is how the "before" column of RESULTS.md
+was taken.
 
 Run: `.venv/bin/python benchmarks/bench_step_ops.py [--batches 1 32 256]`
 """
@@ -18,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import inspect
-from collections import Counter
 
 import torch
 from common import code_version
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ernie_cluster.checkpoints.presets import preset_config
 from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.diagnostics import SyncRecorder
 from ernie_cluster.engine.scheduler_output import (
     CachedRequestData,
     NewRequestData,
@@ -35,28 +36,8 @@ from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.worker.model_runner import ModelRunner
 
-SYNC_OPS = {
-    "aten::_local_scalar_dense",
-    "aten::item",
-    "aten::nonzero",
-    "aten::is_nonzero",
-    "aten::equal",
-    "aten::unique",
-    "aten::_unique2",
-    "aten::masked_select",
-}
 BLOCK_SIZE = 16
 PROMPT_LEN = 16
-
-
-class StepCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def make_model(num_layers: int) -> Ernie4_5_MoeForCausalLM:
@@ -112,26 +93,9 @@ def count_decode_step(model, batch: int) -> tuple[int, int]:
         cached_requests=[CachedRequestData(r, [], PROMPT_LEN) for r in ids],
         num_scheduled_tokens=dict.fromkeys(ids, 1),
     )
-    reads = Counter()
-    originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
-
-    def counting(name):
-        def wrapper(self, *args, **kwargs):
-            reads[name] += 1
-            return originals[name](self, *args, **kwargs)
-
-        return wrapper
-
-    for name in originals:
-        setattr(torch.Tensor, name, counting(name))
-    try:
-        with StepCounter() as counter:
-            runner.execute_model(decode)
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
-    syncs = sum(n for op, n in counter.ops.items() if op in SYNC_OPS) + sum(reads.values())
-    return sum(counter.ops.values()), syncs
+    with SyncRecorder() as recorder:
+        runner.execute_model(decode)
+    return sum(recorder.ops.values()), len(recorder.syncs) + len(recorder.readouts)
 
 
 def main() -> None:

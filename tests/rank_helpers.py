@@ -29,3 +29,20 @@ def spawn_ranks(main: Callable, world: int, args: tuple, timeout_s: float) -> No
             if process.is_alive():
                 process.kill()
                 process.join(timeout=10)
+
+
+def init_gloo(rank: int, world: int, port: int, timeout_s: float = 60) -> None:
+    """Join the spawned ranks' gloo group (one compute thread per rank: they share the CPU)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )

@@ -58,9 +58,11 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
         hidden: torch.Tensor,
         meta: AttentionMetadata,
         num_valid: int,
+        is_real: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """cos_sin [N, 2, D/2]: RoPE rows of all N tokens; hidden [n, H]: this rank's token rows
-        (the first `num_valid` are real tokens)."""
+        (the first `num_valid` are tokens of the batch); is_real [n] bool or None: which of them
+        are not CUDA-graph padding (padding is routed to no expert)."""
         num_tokens = cos_sin.shape[0]
         normed = self.comm.all_gather_rows(self.input_layernorm(hidden))[:num_tokens]  # [N, H]
         attn = self.self_attn(cos_sin, normed, meta)  # [N, H] partial over heads
@@ -71,7 +73,10 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
         normed = self.post_attention_layernorm(hidden)
         # NOTE: every rank holds hidden.shape[0] rows (the padded share), the same host int on
         # all ranks: the MoE exchange sizes its buffers from it without a sync.
-        extra = {"max_local_tokens": hidden.shape[0]} if self.is_moe else {}
+        extra = {}
+        if self.is_moe:
+            real = None if is_real is None else is_real[:num_valid]
+            extra = {"max_local_tokens": hidden.shape[0], "is_real": real}
         mlp_out = torch.zeros_like(hidden) if num_valid < hidden.shape[0] else None
         if mlp_out is None:
             return hidden + self.mlp(normed, **extra)
@@ -131,6 +136,9 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        # Set by set_num_real_tokens (decode CUDA graphs): rows past it are padding.
+        self.mask_padding = False
+        self.register_buffer("num_real_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -138,6 +146,13 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
                 torch.empty(local_vocab, config.hidden_size, dtype=dtype), requires_grad=False
             )
         )
+
+    def set_num_real_tokens(self, num_tokens: int) -> None:
+        """Rows past `num_tokens` of the next forwards are CUDA-graph padding: they take no
+        expert and count in no expert-load statistic. A device write, no sync; a captured
+        graph reads the buffer at every replay."""
+        self.mask_padding = True
+        self.num_real_tokens.fill_(num_tokens)
 
     def bind_kv_caches(self, kv_caches: list[torch.Tensor]) -> None:
         """One cache per layer, each [2, num_slots, local_kv_heads, head_dim]."""
@@ -168,8 +183,13 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         num_valid = self.num_local_valid(input_ids.shape[0])
         hidden = self._embed(input_ids)
         cos_sin = self.rotary.cos_sin(positions)  # [N, 2, D/2], shared by every layer
+        is_real = None
+        if self.mask_padding:
+            # This rank's rows are global rows [rank * n, rank * n + n).
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            is_real = rows + self.comm.rank * hidden.shape[0] < self.num_real_tokens  # [n]
         for layer in self.layers:
-            hidden = layer(cos_sin, hidden, meta, num_valid)
+            hidden = layer(cos_sin, hidden, meta, num_valid, is_real)
         return self.norm(hidden)
 
     @torch.inference_mode()

@@ -135,13 +135,23 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden: torch.Tensor, max_local_tokens: int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        max_local_tokens: int | None = None,
+        is_real: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """hidden [n, H] (this rank's tokens, possibly none) -> [n, H]. `max_local_tokens`:
         the most tokens any rank holds this step (a host int, equal on every rank); given, the
-        expert-parallel exchange needs no host sync (see distributed/expert_dispatch)."""
+        expert-parallel exchange needs no host sync (see distributed/expert_dispatch).
+        `is_real` [n] bool: rows that are not CUDA-graph padding; padding takes no expert."""
         expert_ids, weights = self.gate(hidden)
-        if self.comm.world_size == 1:  # every expert is here and every id is a real one
-            out = self.experts.forward_pairs(hidden, expert_ids, weights, all_owned=True)
+        if is_real is not None:
+            expert_ids = torch.where(is_real[:, None], expert_ids, -1)
+        if self.comm.world_size == 1:
+            # Every expert is here; router ids are all real ones unless padding was masked.
+            all_owned = is_real is None
+            out = self.experts.forward_pairs(hidden, expert_ids, weights, all_owned=all_owned)
         else:
             out = dispatch_combine(
                 hidden,

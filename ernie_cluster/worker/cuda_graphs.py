@@ -3,7 +3,9 @@
 A decode step of B sequences runs the graph of the smallest bucket >= B: the step's inputs are
 copied into the graph's static buffers, the rows past B are padding (token 0 at position 0,
 writing its K/V into a spare sink block that no request owns, attending to that one key), and
-the rows the caller samples are always real ones. Steps with a prefill chunk, or more decodes
+the rows the caller samples are always real ones. Padding rows take no expert (the model's
+`num_real_tokens` buffer, set before each replay), so expert-load statistics count only real
+tokens. Steps with a prefill chunk, or more decodes
 than the largest bucket, run eagerly. At W > 1 every rank captures the same buckets in the same
 order, so the NCCL collectives inside the graphs line up.
 
@@ -62,6 +64,8 @@ class DecodeGraphs:
         )
         self.graphs: dict[int, _Graph] = {}
         self._pad()
+        # Capture with every row counted as padding: no expert load from dummy tokens.
+        self.model.set_num_real_tokens(0)
 
     def _pad(self, start: int = 0) -> None:
         """Rows [start, max) become padding: one key in the sink block."""
@@ -136,6 +140,7 @@ class DecodeGraphs:
         columns = meta.block_table.shape[1]
         self.block_table[:num_seqs, :columns].copy_(meta.block_table)
         self._pad(num_seqs)
+        self.model.set_num_real_tokens(num_seqs)
         entry = self.graphs[size]
         entry.graph.replay()
         return entry.hidden

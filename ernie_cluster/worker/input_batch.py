@@ -1,6 +1,7 @@
 """The worker's persistent batch: one row per live request, kept on the device between steps.
 
-A request gets a row when it arrives and keeps it until it finishes. The row's block table
+A request gets a row when it arrives and keeps it until it finishes (also while preempted;
+the rows double when they run out). The row's block table
 lives in a device tensor [max_num_reqs, max_blocks_per_req] with a host mirror; a step sends
 only the entries that changed (new blocks) as (row, column, block) triples, applied on the
 device. All of a step's host->device inputs (token ids, positions, slots, offsets, rows,
@@ -55,11 +56,25 @@ class InputBatch:
     # ------------------------------------------------------------------ rows and tables
     def add_row(self, block_ids: list[int]) -> int:
         if not self._free_rows:
-            raise RuntimeError(f"more than max_num_reqs={self.max_num_reqs} live requests")
+            self._grow()
         row = self._free_rows.pop()
         self.num_blocks[row] = 0
         self.append_blocks(row, block_ids)
         return row
+
+    def _grow(self) -> None:
+        """Double the rows. Preempted requests keep their rows while they wait, so live
+        requests can outnumber max_num_seqs; rare, and a device copy, not a step cost."""
+        old_rows = self.max_num_reqs
+        self.max_num_reqs *= 2
+        table = self.block_table.new_zeros((self.max_num_reqs, self.max_blocks_per_req))
+        table[:old_rows] = self.block_table
+        self.block_table = table
+        self.block_table_host = np.concatenate(
+            [self.block_table_host, np.zeros_like(self.block_table_host)]
+        )
+        self.num_blocks = np.concatenate([self.num_blocks, np.zeros_like(self.num_blocks)])
+        self._free_rows.extend(range(self.max_num_reqs - 1, old_rows - 1, -1))
 
     def free_row(self, row: int) -> None:
         self._free_rows.append(row)

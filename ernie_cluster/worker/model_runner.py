@@ -156,6 +156,8 @@ class ModelRunner:
         if self.cuda_graphs is not None:
             hidden = self.cuda_graphs.run(inputs)
         if hidden is None:
+            if self.model.mask_padding:  # graphs were captured: eager steps have no padding
+                self.model.set_num_real_tokens(inputs.meta.num_tokens)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [n, H]
         if not sample_ids:
             return ModelRunnerOutput()

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 from sample_reference import make_state
-from sync_recorder import SyncRecorder
 
+from ernie_cluster.diagnostics import SyncRecorder
 from ernie_cluster.sample import Sampler
 from ernie_cluster.sampling_params import SamplingParams
 

@@ -3,14 +3,13 @@ leaves no trace, and two gloo ranks with different free memory agreeing on the m
 
 from __future__ import annotations
 
-import datetime
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-from rank_helpers import spawn_ranks
+from rank_helpers import init_gloo, spawn_ranks
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.loader.model_loader import load_model
@@ -176,14 +175,7 @@ def _rank_main(rank: int, world: int, port: int, checkpoint: str, out_dir: str) 
     from ernie_cluster.distributed.communicator import Communicator
     from ernie_cluster.model.sharding import ShardSpec
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     result: dict = {}
     try:
         model = load_model(

@@ -5,13 +5,11 @@ capture: it fails at the first host read)."""
 
 from __future__ import annotations
 
-from collections import Counter
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.diagnostics import SyncRecorder
 from ernie_cluster.engine.scheduler_output import (
     CachedRequestData,
     NewRequestData,
@@ -21,47 +19,7 @@ from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.worker.model_runner import ModelRunner
 
-# Ops that make the host wait for the device (or read a device value on the host).
-SYNC_OPS = {
-    "aten::_local_scalar_dense",
-    "aten::item",
-    "aten::nonzero",
-    "aten::is_nonzero",
-    "aten::equal",
-    "aten::unique",
-    "aten::_unique2",
-    "aten::masked_select",
-}
 BLOCK_SIZE = 4
-
-
-class OpCounter(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func._schema.name] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def syncs(self) -> dict[str, int]:
-        return {name: n for name, n in self.ops.items() if name in SYNC_OPS}
-
-
-@pytest.fixture()
-def host_reads(monkeypatch):
-    """Counts the Python-level device->host reads that no aten op shows (tolist, numpy)."""
-    reads: Counter[str] = Counter()
-    for name in ("tolist", "numpy"):
-        original = getattr(torch.Tensor, name)
-
-        def wrapper(self, *args, _original=original, _name=name, **kwargs):
-            reads[_name] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    return reads
 
 
 def make_runner(checkpoint, **overrides) -> ModelRunner:
@@ -120,23 +78,24 @@ def prefill_then_decode(runner: ModelRunner, params: list[SamplingParams]):
     ],
     ids=["greedy", "mixed-sampling"],
 )
-def test_decode_step_has_no_host_syncs(tiny_checkpoint, host_reads, params):
+def test_decode_step_has_no_host_syncs(tiny_checkpoint, params):
     runner = make_runner(tiny_checkpoint)
     decode = prefill_then_decode(runner, params)
-    host_reads.clear()
-    with OpCounter() as counter:
+    with SyncRecorder() as recorder:
         out = runner.execute_model(decode)
     assert set(out.sampled_token_ids) == {"r0", "r1", "r2"}
-    assert counter.syncs == {}, f"host syncs in a decode step: {counter.syncs}"
+    assert recorder.syncs == [], f"host syncs in a decode step: {recorder.syncs}"
     # The one device->host copy: the sampled tokens (with logprobs when asked).
-    assert sum(host_reads.values()) == 1, dict(host_reads)
+    assert recorder.readouts == ["tolist"], recorder.readouts
 
 
-def test_counter_sees_a_sync(tiny_checkpoint):
-    """The counter is not blind: the old per-step pattern (`.item()`) is caught."""
-    with OpCounter() as counter:
+def test_recorder_sees_the_old_patterns(tiny_checkpoint):
+    """The recorder is not blind to what steps used to do: `.item()` and `.tolist()`."""
+    with SyncRecorder() as recorder:
         torch.arange(4).sum().item()
-    assert counter.syncs == {"aten::_local_scalar_dense": 1}
+        torch.arange(4).tolist()
+    assert recorder.syncs == ["aten._local_scalar_dense.default"]
+    assert recorder.readouts == ["item", "tolist"]
 
 
 def test_decode_forward_compiles_fullgraph(tiny_checkpoint):
@@ -157,23 +116,16 @@ def test_decode_forward_compiles_fullgraph(tiny_checkpoint):
 
 def _rank_main(rank: int, world: int, port: int, checkpoint: str, out_dir: str) -> None:
     """One rank: prefill, then one decode step under the counters; results as JSON."""
-    import datetime
     import json
     from pathlib import Path
 
     import torch.distributed as dist
+    from rank_helpers import init_gloo
 
     from ernie_cluster.distributed.communicator import Communicator
     from ernie_cluster.model.sharding import ShardSpec
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(seconds=60),
-    )
+    init_gloo(rank, world, port)
     result: dict = {}
     try:
         config = EngineConfig(
@@ -196,29 +148,13 @@ def _rank_main(rank: int, world: int, port: int, checkpoint: str, out_dir: str) 
         runner = ModelRunner(model, num_blocks=64, config=config, device="cpu")
         params = [SamplingParams(temperature=0.0, max_tokens=4, logprobs=2)] * 3
         decode = prefill_then_decode(runner, params)
-        reads: Counter[str] = Counter()
-        originals = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
-
-        def counting(name):
-            def wrapper(self, *args, **kwargs):
-                reads[name] += 1
-                return originals[name](self, *args, **kwargs)
-
-            return wrapper
-
-        for name in originals:
-            setattr(torch.Tensor, name, counting(name))
-        try:
-            with OpCounter() as counter:
-                out = runner.execute_model(decode)
-        finally:
-            for name, original in originals.items():
-                setattr(torch.Tensor, name, original)
+        with SyncRecorder() as recorder:
+            out = runner.execute_model(decode)
         result = {
-            "syncs": counter.syncs,
-            "reads": dict(reads),
+            "syncs": recorder.syncs,
+            "readouts": recorder.readouts,
             "tokens": out.sampled_token_ids,
-            "collectives": sum(n for op, n in counter.ops.items() if op.startswith("c10d::")),
+            "collectives": sum(n for op, n in recorder.ops.items() if op.startswith("c10d::")),
         }
         dist.barrier()
     finally:
@@ -235,9 +171,9 @@ def test_decode_step_has_no_host_syncs_on_each_rank_at_w2(tiny_checkpoint, tmp_p
     spawn_ranks(_rank_main, 2, (str(tiny_checkpoint), str(tmp_path)), timeout_s=240)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, result in enumerate(ranks):
-        assert result["syncs"] == {}, f"rank {rank}: {result['syncs']}"
+        assert result["syncs"] == [], f"rank {rank}: {result['syncs']}"
         # Rank 0 copies tokens and logprobs back once; rank 1 its broadcast copy of the tokens.
-        assert sum(result["reads"].values()) == 1, f"rank {rank}: {result['reads']}"
+        assert result["readouts"] == ["tolist"], f"rank {rank}: {result['readouts']}"
         assert result["collectives"] > 0  # the step really exchanged activations
     assert ranks[0]["tokens"] == ranks[1]["tokens"]
     assert set(ranks[0]["tokens"]) == {"r0", "r1", "r2"}

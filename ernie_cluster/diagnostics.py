@@ -1,6 +1,7 @@
 """SyncRecorder: records what a block of tensor code does that would stall a GPU stream.
 
-A `TorchDispatchMode` sees every aten op; on top, `Tensor.tolist/numpy/cpu/item` are wrapped,
+For tests and benchmarks that prove a step free of host syncs (and count its ops, the
+kernel launches of a GPU). A `TorchDispatchMode` sees every aten op; on top, `Tensor.tolist/numpy/cpu/item` are wrapped,
 because on CPU tensors `tolist` and `numpy` never reach the dispatcher. Works on CPU, where
 it still catches every host read of tensor data and every host tensor made from Python
 data (`aten.lift_fresh`, which becomes a host->device copy on a GPU); on CUDA it also counts
@@ -10,6 +11,7 @@ the real copies in each direction.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -49,6 +51,8 @@ class SyncRecorder(TorchDispatchMode):
         self.host_tensors = 0
         """Tensors built from Python data (`torch.tensor(list)`, `t[list]`, `t[m] = 0.0`)."""
         self.uploads = 0
+        self.ops: Counter[str] = Counter()
+        """Every aten (and c10d) op by schema name, e.g. "aten::mm"."""
         self._readout_depth = 0
         self._saved: dict[str, object] = {}
 
@@ -81,6 +85,7 @@ class SyncRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        self.ops[func._schema.name] += 1
         packet = func.overloadpacket
         if packet in _SYNC_OPS:
             self.syncs.append(str(func))
