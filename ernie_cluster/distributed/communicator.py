@@ -48,6 +48,16 @@ class Communicator:
             totals[name] += int(count)
         return totals
 
+    def host_bytes_snapshot(self) -> dict[str, int]:
+        """The host-side counts alone (what a CUDA-graph capture adds, see add_host_bytes)."""
+        return dict(self._host_bytes)
+
+    def add_host_bytes(self, delta: dict[str, int]) -> None:
+        """Count a graph replay's collectives: Python does not run them, so the host-side
+        counts of its capture are added again per replay."""
+        for name, count in delta.items():
+            self._host_bytes[name] += count
+
     @property
     def is_first(self) -> bool:
         return self.rank == 0

@@ -71,12 +71,15 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
             attn = F.pad(attn, (0, 0, 0, padding))
         hidden = hidden + self.comm.reduce_scatter_rows(attn)  # [n, H]
         normed = self.post_attention_layernorm(hidden)
-        # NOTE: every rank holds hidden.shape[0] rows (the padded share), the same host int on
-        # all ranks: the MoE exchange sizes its buffers from it without a sync.
         extra = {}
         if self.is_moe:
             real = None if is_real is None else is_real[:num_valid]
-            extra = {"max_local_tokens": hidden.shape[0], "is_real": real}
+            # NOTE: decode steps (the ones captured as graphs) size the MoE exchange for the
+            # worst case from hidden.shape[0], the same host int on every rank: no sync.
+            # Steps with prefill chunks agree on the exact size with one small all-reduce
+            # per MoE layer instead: the worst case would send W times the payload there.
+            max_local = hidden.shape[0] if meta.num_prefills == 0 else None
+            extra = {"max_local_tokens": max_local, "is_real": real}
         mlp_out = torch.zeros_like(hidden) if num_valid < hidden.shape[0] else None
         if mlp_out is None:
             return hidden + self.mlp(normed, **extra)

@@ -40,6 +40,7 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
 class _Graph:
     graph: torch.cuda.CUDAGraph
     hidden: torch.Tensor  # [padded rows of this rank, H] written by every replay
+    host_bytes: dict[str, int]  # the communicator's host-side byte counts of one replay
 
 
 class DecodeGraphs:
@@ -99,14 +100,24 @@ class DecodeGraphs:
         free_before, _ = torch.cuda.mem_get_info(device)
         pool = torch.cuda.graph_pool_handle()
         # NOTE: largest first, so the smaller graphs reuse the largest one's memory pool.
+        comm = runner.model.comm
         with torch.inference_mode():
             for size in reversed(buckets):
-                graphs._forward(size)  # warm-up: lazy inits and kernel autotuning, eagerly
+                # NOTE: warm-up (lazy inits, Triton compiles) on a side stream, as PyTorch
+                # advises before capturing code with NCCL collectives.
+                side = torch.cuda.Stream(device)
+                side.wait_stream(torch.cuda.current_stream(device))
+                with torch.cuda.stream(side):
+                    graphs._forward(size)
+                torch.cuda.current_stream(device).wait_stream(side)
                 torch.cuda.synchronize(device)
                 graph = torch.cuda.CUDAGraph()
+                before = comm.host_bytes_snapshot()
                 with torch.cuda.graph(graph, pool=pool):
                     hidden = graphs._forward(size)
-                graphs.graphs[size] = _Graph(graph, hidden)
+                after = comm.host_bytes_snapshot()
+                per_replay = {name: after[name] - before[name] for name in after}
+                graphs.graphs[size] = _Graph(graph, hidden, per_replay)
         torch.cuda.synchronize(device)
         free_after, _ = torch.cuda.mem_get_info(device)
         logger.info(
@@ -143,4 +154,5 @@ class DecodeGraphs:
         self.model.set_num_real_tokens(num_seqs)
         entry = self.graphs[size]
         entry.graph.replay()
+        self.model.comm.add_host_bytes(entry.host_bytes)
         return entry.hidden

@@ -50,7 +50,7 @@ class InputBatch:
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
         self._pending_edits: list[np.ndarray] = []  # [k, 3] (row, column, block) triples
         self._pinned = device.type == "cuda"
-        self._staging = torch.empty(0, dtype=torch.int64, pin_memory=self._pinned)
+        self._staging = torch.empty(0, dtype=torch.int64)  # CPU only; CUDA pins a fresh one
         self._staging_host = self._staging.numpy()  # the same memory, written by numpy
 
     # ------------------------------------------------------------------ rows and tables
@@ -122,11 +122,14 @@ class InputBatch:
         positions += (seq_lens - query_lens)[seq_of_token]  # [N] absolute positions
         blocks = self.block_table_host[rows[seq_of_token], positions // self.block_size]
         slots = blocks * self.block_size + positions % self.block_size  # [N]
-        edits = (
-            np.concatenate(self._pending_edits).reshape(-1)
-            if self._pending_edits
-            else np.empty(0, dtype=np.int64)
-        )
+        edits = np.empty((0, 3), dtype=np.int64)
+        if self._pending_edits:
+            edits = np.concatenate(self._pending_edits)  # [k, 3]
+            # NOTE: an entry edited twice since the last upload (a request re-sent after a
+            # failed step) carries its latest value in both triples: which duplicate write
+            # wins on the device is unspecified.
+            edits[:, 2] = self.block_table_host[edits[:, 0], edits[:, 1]]
+        edits = edits.reshape(-1)
         self._pending_edits.clear()
         parts = (input_ids, positions, slots, starts, seq_lens, rows, sample_rows, edits)
         device_parts = self._upload(parts)
@@ -154,15 +157,18 @@ class InputBatch:
         """Concatenate int64 host arrays, copy them to the device once, split into views."""
         sizes = [len(p) for p in parts]
         total = sum(sizes)
+        if self._pinned:
+            # NOTE: a fresh pinned buffer per step: the host may run a step ahead of the GPU
+            # (a prefill chunk samples nothing, so nothing waits for it), and torch's pinned
+            # allocator reuses a block only after the copy that read it has finished.
+            host = np.concatenate(parts, dtype=np.int64, casting="unsafe")
+            staging = torch.from_numpy(host).pin_memory()
+            device = staging.to(self.device, non_blocking=True)
+            return list(device.split(sizes))
         if self._staging.numel() < total:
-            self._staging = torch.empty(
-                max(total, 2 * self._staging.numel()), dtype=torch.int64, pin_memory=self._pinned
-            )
+            self._staging = torch.empty(max(total, 2 * self._staging.numel()), dtype=torch.int64)
             self._staging_host = self._staging.numpy()
-        # NOTE: the staging buffer is reused: the previous step's copy has finished, because
-        # that step ended by copying its sampled tokens back (which waits for the stream).
-        # copy=True: on CPU the views must not alias the buffer the next step overwrites.
+        # On the CPU the buffer is reused; copy=True so the step's views never alias it.
         host = self._staging_host[:total]
         np.concatenate(parts, out=host, casting="unsafe")
-        device = self._staging[:total].to(self.device, non_blocking=self._pinned, copy=True)
-        return list(device.split(sizes))
+        return list(self._staging[:total].to(self.device, copy=True).split(sizes))
