@@ -10,10 +10,9 @@ import logging
 import torch
 
 from ernie_cluster.attention.backend import AttentionBackend, TorchPagedAttention
+from ernie_cluster.config.engine_config import ATTENTION_BACKENDS as BACKEND_NAMES
 
 logger = logging.getLogger(__name__)
-
-BACKEND_NAMES = ("auto", "triton", "torch")
 
 
 def triton_import_error() -> str | None:
