@@ -143,7 +143,7 @@ class AttentionMetadata:
             table[i, : len(blocks)] = blocks
         q_lens = np.asarray(query_lens, dtype=np.int64)
         ctx_lens = np.asarray(context_lens, dtype=np.int64)
-        slots = slot_mapping_host(q_lens, ctx_lens, table, block_size)
+        _, slots = positions_and_slots(q_lens, ctx_lens, table, block_size)
         starts = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(q_lens, out=starts[1:])
         return cls(
@@ -157,15 +157,21 @@ class AttentionMetadata:
         )
 
 
-def slot_mapping_host(
-    query_lens: np.ndarray, context_lens: np.ndarray, block_table: np.ndarray, block_size: int
-) -> np.ndarray:
-    """[N] int64 cache slot of every new token, from [B] lengths and a [B, max_blocks] table
-    (row i of the table belongs to sequence i). Vectorised: O(N), whatever the contexts."""
+def positions_and_slots(
+    query_lens: np.ndarray,
+    context_lens: np.ndarray,
+    block_table: np.ndarray,
+    block_size: int,
+    rows: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """[N] absolute position and [N] int64 cache slot of every new token, from [B] lengths and
+    a block table whose row `rows[i]` (default i) belongs to sequence i. Vectorised: O(N),
+    whatever the contexts."""
     num_seqs = len(query_lens)
     seq_of_row = np.repeat(np.arange(num_seqs), query_lens)  # [N]
     starts = np.cumsum(query_lens) - query_lens  # [B]
     positions = np.arange(int(query_lens.sum())) - starts[seq_of_row]
     positions += (context_lens - query_lens)[seq_of_row]  # [N] absolute positions
-    blocks = block_table[seq_of_row, positions // block_size].astype(np.int64)
-    return blocks * block_size + positions % block_size
+    table_rows = seq_of_row if rows is None else rows[seq_of_row]
+    blocks = block_table[table_rows, positions // block_size].astype(np.int64)
+    return positions, blocks * block_size + positions % block_size

@@ -47,7 +47,7 @@ def get_attention_backend(name: str, device: torch.device | str) -> AttentionBac
             return TorchPagedAttention()
         raise ValueError(f"attention backend 'triton' needs triton, which fails to import: {error}")
     from ernie_cluster.attention.triton_backend import TritonPagedAttention
-    from ernie_cluster.attention.triton_decode import interpreting
+    from ernie_cluster.triton_env import interpreting
 
     if device.type != "cuda" and not interpreting():
         raise ValueError(

@@ -13,8 +13,9 @@ import torch
 
 from ernie_cluster.attention.backend import write_kv
 from ernie_cluster.attention.metadata import AttentionMetadata
-from ernie_cluster.attention.triton_decode import decode_attention, interpreting
+from ernie_cluster.attention.triton_decode import decode_attention
 from ernie_cluster.attention.triton_prefill import prefill_attention
+from ernie_cluster.triton_env import interpreting
 
 
 class TritonPagedAttention:

@@ -9,13 +9,12 @@ same grid replays under a CUDA graph whatever the sequences' lengths.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.triton_env import dot_precision, interpreting
 
 # NOTE: scores are kept in base 2 (exp2 is one instruction); the merge kernel and the stored
 # log-sum-exps use the same base, so nothing converts back.
@@ -160,18 +159,6 @@ def _merge_splits_kernel(
     merged = tl.sum(parts * weights[:, None], axis=0) / tl.sum(weights, axis=0)  # [BLOCK_D]
     out_ptrs = out_ptr + seq * stride_out_tok + head * stride_out_head + offs_d
     tl.store(out_ptrs, merged.to(out_ptr.dtype.element_ty), mask=mask_d)
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels in its CPU interpreter. Read at each launch (Triton reads
-    it when a kernel is decorated; tests set it before importing these modules)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact products (tl.dot would round them to tf32); bf16/fp16 inputs
-    ignore the setting and run on tensor cores."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def choose_num_splits(num_decodes: int, num_kv_heads: int, max_seq_len: int) -> int:

@@ -14,7 +14,8 @@ import triton
 import triton.language as tl
 
 from ernie_cluster.attention.metadata import AttentionMetadata
-from ernie_cluster.attention.triton_decode import LOG2E, dot_precision, interpreting
+from ernie_cluster.attention.triton_decode import LOG2E
+from ernie_cluster.triton_env import dot_precision, interpreting
 
 
 @triton.jit

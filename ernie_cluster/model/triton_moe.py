@@ -11,10 +11,11 @@ kernel is first used, so the package imports without it.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
+
+from ernie_cluster.triton_env import dot_precision, interpreting
 
 
 @dataclass(frozen=True)
@@ -209,8 +210,7 @@ def _kernels():
         out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
         tl.store(out_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
 
-    interpreted = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-    return gate_up_kernel, down_kernel, interpreted
+    return gate_up_kernel, down_kernel, interpreting()
 
 
 def run_experts(
@@ -241,7 +241,7 @@ def run_experts(
     if num_tiles == 0:
         return out
     act = torch.empty(num_tiles * block_m, inter, dtype=act_dtype, device=x.device)
-    precision = "ieee" if upcast or x.dtype == torch.float32 else "tf32"
+    precision = "ieee" if upcast else dot_precision(x.dtype)
     # The table is sized for 2-byte operands; float32 ones (tests, debugging) would need twice
     # the shared memory per stage, so they get the fewest stages.
     wide = x.element_size() > 2

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.attention.metadata import AttentionMetadata, positions_and_slots
 
 
 @dataclass
@@ -114,14 +114,12 @@ class InputBatch:
     ) -> StepInputs:
         """rows/query_lens/seq_lens [B] in batch order (decodes first); input_ids [N];
         sample_rows [S] -> the step's device inputs, uploaded as one packed copy."""
-        num_seqs, num_tokens = len(rows), len(input_ids)
-        seq_of_token = np.repeat(np.arange(num_seqs), query_lens)  # [N]
-        starts = np.zeros(num_seqs + 1, dtype=np.int64)
+        num_seqs = len(rows)
+        positions, slots = positions_and_slots(
+            query_lens, seq_lens, self.block_table_host, self.block_size, rows
+        )  # [N] each
+        starts = np.zeros(num_seqs + 1, dtype=np.int64)  # [B + 1] first row of each sequence
         np.cumsum(query_lens, out=starts[1:])
-        positions = np.arange(num_tokens) - starts[seq_of_token]
-        positions += (seq_lens - query_lens)[seq_of_token]  # [N] absolute positions
-        blocks = self.block_table_host[rows[seq_of_token], positions // self.block_size]
-        slots = blocks * self.block_size + positions % self.block_size  # [N]
         edits = np.empty((0, 3), dtype=np.int64)
         if self._pending_edits:
             edits = np.concatenate(self._pending_edits)  # [k, 3]
