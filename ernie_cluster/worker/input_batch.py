@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ernie_cluster.attention.metadata import AttentionMetadata, positions_and_slots
+from ernie_cluster.sample.upload import StepUpload
 
 
 @dataclass
@@ -49,9 +50,6 @@ class InputBatch:
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)  # [R] blocks held per row
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))
         self._pending_edits: list[np.ndarray] = []  # [k, 3] (row, column, block) triples
-        self._pinned = device.type == "cuda"
-        self._staging = torch.empty(0, dtype=torch.int64)  # CPU only; CUDA pins a fresh one
-        self._staging_host = self._staging.numpy()  # the same memory, written by numpy
 
     # ------------------------------------------------------------------ rows and tables
     def add_row(self, block_ids: list[int]) -> int:
@@ -152,21 +150,11 @@ class InputBatch:
         return StepInputs(input_ids=ids_d, positions=pos_d, sample_rows=sample_d, meta=meta)
 
     def _upload(self, parts: tuple[np.ndarray, ...]) -> list[torch.Tensor]:
-        """Concatenate int64 host arrays, copy them to the device once, split into views."""
-        sizes = [len(p) for p in parts]
-        total = sum(sizes)
-        if self._pinned:
-            # NOTE: a fresh pinned buffer per step: the host may run a step ahead of the GPU
-            # (a prefill chunk samples nothing, so nothing waits for it), and torch's pinned
-            # allocator reuses a block only after the copy that read it has finished.
-            host = np.concatenate(parts, dtype=np.int64, casting="unsafe")
-            staging = torch.from_numpy(host).pin_memory()
-            device = staging.to(self.device, non_blocking=True)
-            return list(device.split(sizes))
-        if self._staging.numel() < total:
-            self._staging = torch.empty(max(total, 2 * self._staging.numel()), dtype=torch.int64)
-            self._staging_host = self._staging.numpy()
-        # On the CPU the buffer is reused; copy=True so the step's views never alias it.
-        host = self._staging_host[:total]
-        np.concatenate(parts, out=host, casting="unsafe")
-        return list(self._staging[:total].to(self.device, copy=True).split(sizes))
+        """Copy int64 host arrays to the device in one packed transfer -> device views."""
+        # NOTE: a fresh pinned buffer per step: the host may run a step ahead of the GPU (a
+        # prefill chunk samples nothing, so nothing waits for it), and torch's pinned
+        # allocator reuses a block only after the copy that read it has finished.
+        upload = StepUpload()
+        slots = [upload.ints(part) for part in parts]
+        upload.send(self.device)
+        return [upload[slot] for slot in slots]
