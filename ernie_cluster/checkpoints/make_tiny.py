@@ -98,8 +98,13 @@ def make_tiny_checkpoint(
     dtype: str = "float32",
     num_shards: int = 2,
     overrides: dict | None = None,
+    force: bool = False,
 ) -> Path:
-    """Write a random checkpoint of `preset` into `directory` (created); returns the path."""
+    """Write a random checkpoint of `preset` into `directory` (created); returns the path.
+
+    A directory that is not empty is refused unless `force`; then its old shards go, so no
+    stale shard outlives the new index.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; choose one of {sorted(DTYPES)}")
     if num_shards < 1:
@@ -108,8 +113,7 @@ def make_tiny_checkpoint(
     raw.update(overrides or {})
     raw["torch_dtype"] = dtype
     config = ErnieMoeConfig.from_dict(raw)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    out = prepare_directory(Path(directory), force)
     _write_json(out / "config.json", raw)
     _write_json(
         out / "generation_config.json",
@@ -124,6 +128,23 @@ def make_tiny_checkpoint(
     )
     write_shards(random_state_dict(config, seed), out, num_shards, DTYPES[dtype])
     write_tokenizer_files(out, vocab_size=config.vocab_size)
+    return out
+
+
+def prepare_directory(out: Path, force: bool) -> Path:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{str(out)!r} is a file, not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            entries = sorted(p.name for p in out.iterdir())
+            shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+            raise ValueError(
+                f"{str(out)!r} is not empty ({len(entries)} entries: {shown}); refusing to "
+                "overwrite it: pick an empty or new directory, or pass --force"
+            )
+        for old in out.glob("model*.safetensors*"):
+            old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 

@@ -11,6 +11,7 @@ import sys
 
 from ernie_cluster.checkpoints.presets import PRESETS
 from ernie_cluster.config.engine_config import ATTENTION_BACKENDS
+from ernie_cluster.serving.ray_serve.config import API_KEY_ENV
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -108,7 +109,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def cmd_make_tiny(args: argparse.Namespace) -> int:
     from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.directory, args.preset, args.seed, args.dtype)
+    path = make_tiny_checkpoint(
+        args.directory, args.preset, args.seed, args.dtype, force=args.force
+    )
     print(f"wrote the {args.preset!r} checkpoint (seed {args.seed}) to {path}")
     return 0
 
@@ -168,6 +171,7 @@ def serve_config_from_args(args: argparse.Namespace):
         reasoning_parser=args.reasoning_parser,
         tool_call_parser=args.tool_call_parser,
         api_key=args.api_key,
+        api_key_file=args.api_key_file,
         max_waiting_requests=args.max_waiting_requests,
         num_replicas=args.num_replicas,
         autoscaling=autoscaling,
@@ -181,9 +185,8 @@ def serve_without_ray(args: argparse.Namespace, config) -> int:
     """One process: the engine (W = 1, in-process executor) and the HTTP app under uvicorn."""
     import asyncio
 
-    import uvicorn
-
-    from ernie_cluster.serving.local_server import build_local_app
+    from ernie_cluster.cli.ports import bind_exclusive
+    from ernie_cluster.serving.local_server import build_local_app, make_server
     from ernie_cluster.serving.ray_serve.builder import resolve_model
 
     if config.tensor_parallel_size != 1 or config.num_replicas or config.autoscaling:
@@ -191,26 +194,48 @@ def serve_without_ray(args: argparse.Namespace, config) -> int:
             "--no-ray-serve runs one replica of one shard: drop --tensor-parallel-size "
             f"({config.tensor_parallel_size}) and the replica flags, or use Ray Serve"
         )
-    model = resolve_model(config)
-    app, engine = build_local_app(
-        config.engine_config(model),
-        max_waiting_requests=config.max_waiting_requests,
-        served_model_names=config.served_model_name or [config.model or "ernie-demo"],
-        reasoning_parser=config.reasoning_parser,
-        tool_call_parser=config.tool_call_parser,
-        api_key=config.api_key,
-        max_request_body_bytes=config.max_request_body_bytes,
-    )
-    print(
-        f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 (one process, "
-        f"model {config.served_model_name or [config.model or 'ernie-demo']}); Ctrl-C stops",
-        flush=True,
-    )
+    # NOTE: the port is bound before the model loads, so a taken port fails in a second.
+    sock = bind_exclusive(args.host, args.port)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        model = resolve_model(config)
+        app, engine = build_local_app(
+            config.engine_config(model),
+            max_waiting_requests=config.max_waiting_requests,
+            auth_all_routes=args.api_key_all_routes,
+            served_model_names=config.served_model_name or [config.model or "ernie-demo"],
+            reasoning_parser=config.reasoning_parser,
+            tool_call_parser=config.tool_call_parser,
+            api_key=config.api_key,
+            max_request_body_bytes=config.max_request_body_bytes,
+        )
+        print(
+            f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 (one process, "
+            f"model {config.served_model_name or [config.model or 'ernie-demo']}"
+            f"{', API key required' if config.api_key else ''}); Ctrl-C stops",
+            flush=True,
+        )
+        try:
+            make_server(app, sock).run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
+            pass
+        finally:
+            asyncio.run(engine.shutdown())
     finally:
-        asyncio.run(engine.shutdown())
+        sock.close()
     return 0
+
+
+def serve_is_running() -> bool:
+    """Whether the connected Ray cluster already runs Serve (then its proxy holds the port,
+    and `serve.start` reuses it)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def _stop_on_signal(signum, frame) -> None:
@@ -221,20 +246,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import os
     import time
 
-    config = serve_config_from_args(args)
+    from ernie_cluster.cli.ports import check_port_free
+
+    config = serve_config_from_args(args).with_api_key_resolved()
     if args.no_ray_serve:
         return serve_without_ray(args, config)
+    if args.api_key_all_routes:
+        raise ValueError(
+            "--api-key-all-routes needs --no-ray-serve for now: under Ray Serve the key "
+            "guards the /v1 routes only"
+        )
+    address = args.ray_address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        # NOTE: a fresh local Ray owns nothing yet, so whatever holds the port is someone
+        # else's; Ray Serve's proxy would share it (SO_REUSEPORT) and split the traffic.
+        check_port_free(args.host, args.port)
 
     import ray
     from ray import serve
 
     from ernie_cluster.serving.ray_serve.builder import build_app
 
-    address = args.ray_address or os.environ.get("RAY_ADDRESS")
     local = {} if address else {"num_cpus": args.num_cpus}
     if not address and args.host in ("127.0.0.1", "localhost"):
         local["_node_ip_address"] = "127.0.0.1"  # a loopback server keeps its Ray on loopback
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING, **local)
+    if address and not serve_is_running():
+        try:
+            check_port_free(args.host, args.port)
+        except ValueError:
+            ray.shutdown()
+            raise
     # NOTE: SIGTERM (docker stop, Kubernetes, a supervisor) must shut Serve and Ray down like
     # Ctrl-C does; SIGINT may arrive set to "ignore" (a background job). Installed after
     # ray.init, which sets a SIGTERM handler of its own.
@@ -271,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    tiny.add_argument(
+        "--force", action="store_true", help="write into a directory that is not empty"
+    )
     tiny.set_defaults(func=cmd_make_tiny)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
@@ -296,7 +341,24 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["ernie_x1", "ernie45"],
         help="parse <tool_call> blocks into tool_calls",
     )
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    g.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on the /v1 routes (visible in `ps`: prefer "
+        f"--api-key-file or the {API_KEY_ENV} environment variable)",
+    )
+    g.add_argument(
+        "--api-key-file",
+        default=None,
+        metavar="PATH",
+        help="read the API key from this file (one line)",
+    )
+    g.add_argument(
+        "--api-key-all-routes",
+        action="store_true",
+        help="require the key on /metrics, /docs, /redoc and /openapi.json too (default: "
+        "those and /health are open; /health always is); needs --no-ray-serve for now",
+    )
     g.add_argument(
         "--max-waiting-requests",
         type=int,

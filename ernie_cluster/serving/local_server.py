@@ -1,10 +1,17 @@
 """Serving without Ray Serve: the engine and the HTTP app in one process (uvicorn).
 
 Used by tests, benchmarks and `ernie-cluster serve --no-ray-serve` (smallest footprint); the
-HTTP behaviour is the same app the Ray Serve ingress runs.
+HTTP behaviour is the same app the Ray Serve ingress runs. `make_server` adds what uvicorn
+lacks against slow clients: a connection must deliver its request line and headers within
+`header_timeout_s` (the app's RequestGate then times the body).
 """
 
 from __future__ import annotations
+
+import asyncio
+import socket
+
+import uvicorn
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
@@ -12,11 +19,12 @@ from ernie_cluster.engine.llm_engine import LLMEngine
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.engine_client import LocalEngineClient
 from ernie_cluster.serving.http_app import build_http_app
-from ernie_cluster.serving.settings import (
-    DEFAULT_MAX_BODY_BYTES,
-    ServingSettings,
-    generation_defaults,
-)
+from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES, ServingSettings
+
+HEADER_TIMEOUT_S = 15.0
+"""Longest a connection may take to send a request's line and headers."""
+KEEP_ALIVE_TIMEOUT_S = 5
+"""Longest an idle keep-alive connection stays open between requests (uvicorn's default)."""
 
 
 def settings_for_engine(
@@ -28,25 +36,98 @@ def settings_for_engine(
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> ServingSettings:
     return ServingSettings(
-        served_model_names=served_model_names or [engine.config.model],
-        max_model_len=engine.max_model_len,
-        tokenizer=engine.tokenizer,
-        vocab_size=engine.model_config.vocab_size,
+        served_model_names or [engine.config.model],
+        engine.facts,
+        engine.tokenizer,
         reasoning_parser=reasoning_parser,
         tool_call_parser=tool_call_parser,
         api_key=api_key,
         max_request_body_bytes=max_request_body_bytes,
-        default_sampling=generation_defaults(engine.model_dir),
     )
 
 
 def build_local_app(
     engine_config: EngineConfig,
     max_waiting_requests: int | None = None,
+    auth_all_routes: bool = False,
     **settings_kwargs,
 ):
     """(FastAPI app, AsyncLLMEngine) serving `engine_config` in this process."""
     engine = AsyncLLMEngine.from_config(engine_config)
     settings = settings_for_engine(engine.engine, **settings_kwargs)
     client = LocalEngineClient(engine, max_waiting_requests)
-    return build_http_app(OpenAIServing(client, settings)), engine
+    app = build_http_app(OpenAIServing(client, settings), auth_all_routes=auth_all_routes)
+    return app, engine
+
+
+def header_timeout_protocol(timeout_s: float) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol, closing a connection whose request line and headers do
+    not arrive within `timeout_s` of it opening (or of its previous request starting).
+
+    NOTE: uvicorn times out only idle keep-alive connections; one that connects and sends
+    nothing, or half a header, stays open for good (slowloris).
+    """
+    if timeout_s <= 0:
+        raise ValueError(f"header_timeout_s must be > 0, got {timeout_s}")
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderTimeoutProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_header_timer()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm_header_timer()
+
+        def on_headers_complete(self) -> None:
+            self._cancel_header_timer()
+            super().on_headers_complete()
+
+        def _arm_header_timer(self) -> None:
+            self._cancel_header_timer()
+            self._header_timer = self.loop.call_later(timeout_s, self._on_header_timeout)
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _on_header_timeout(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return HeaderTimeoutProtocol
+
+
+def make_server(
+    app,
+    sock: socket.socket,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    log_level: str = "warning",
+) -> uvicorn.Server:
+    """A uvicorn server for `app` on an already bound `sock` (run it with
+    `server.run(sockets=[sock])`), with the header timeout when httptools is installed."""
+    try:
+        import httptools  # noqa: F401
+
+        http: str | type[asyncio.Protocol] = header_timeout_protocol(header_timeout_s)
+    except ImportError:  # h11 only: uvicorn's own timeouts
+        http = "auto"
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        http=http,
+        log_level=log_level,
+        timeout_keep_alive=KEEP_ALIVE_TIMEOUT_S,
+    )
+    return uvicorn.Server(config)

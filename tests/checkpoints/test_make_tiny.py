@@ -75,3 +75,16 @@ def test_transformers_loads_it_and_agrees(tiny_checkpoint):
     assert out[0].outputs[0].token_ids[0] == int(expected.argmax())
     for token, value in entry.items():
         assert value == pytest.approx(expected[token].item(), abs=1e-4)
+
+
+def test_non_empty_directory_needs_force(tmp_path):
+    target = make_tiny_checkpoint(tmp_path / "ck", preset="tiny", seed=0, num_shards=3)
+    before = digest(target)
+    with pytest.raises(ValueError, match=r"is not empty \(\d+ entries: .*--force"):
+        make_tiny_checkpoint(target, preset="tiny", seed=1)
+    assert digest(target) == before
+    make_tiny_checkpoint(target, preset="tiny", seed=1, num_shards=2, force=True)
+    shards = sorted(p.name for p in target.glob("*.safetensors"))
+    assert shards == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    with pytest.raises(ValueError, match="is a file"):
+        make_tiny_checkpoint(target / "config.json")

@@ -206,3 +206,168 @@ def test_gpu_engine_flags_rejected(tmp_path, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "--attention-backend", "flash"])
     assert "invalid choice: 'flash'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ the HTTP port
+@pytest.fixture
+def taken_port():
+    """A port held the way a running Ray Serve proxy holds it (SO_REUSEPORT, listening)."""
+    import socket
+
+    from ernie_cluster.distributed.process_group import free_port
+
+    for _ in range(5):
+        port = free_port()
+        holder = socket.socket()
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            holder.bind(("127.0.0.1", port))
+        except OSError:
+            holder.close()
+            continue
+        holder.listen()
+        try:
+            yield port
+        finally:
+            holder.close()
+        return
+    pytest.fail("no free port to hold")
+
+
+@pytest.mark.parametrize("mode", [[], ["--no-ray-serve"]], ids=["ray-serve", "one-process"])
+def test_serve_refuses_a_taken_port_in_one_line(taken_port, mode, capsys, tmp_path):
+    """A second server on a taken port fails at once instead of sharing it (Ray Serve's
+    proxies bind with SO_REUSEPORT, so two apps would split the requests)."""
+    from ernie_cluster.cli.main import main
+
+    missing = str(tmp_path / "never-loaded")  # the port is checked before the model
+    assert main(["serve", *mode, "--model", missing, "--port", str(taken_port)]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert f"port {taken_port} is already in use" in lines[0]
+    assert "--port" in lines[0] and "PORT=" in lines[0]
+    assert "OpenAI API at" not in captured.out
+
+
+def test_serve_refuses_a_bad_host_in_one_line(capsys, tmp_path):
+    from ernie_cluster.cli.main import main
+
+    missing = str(tmp_path / "never-loaded")
+    assert main(["serve", "--no-ray-serve", "--model", missing, "--host", "192.0.2.1"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "cannot listen on 192.0.2.1:8000" in line
+
+
+# ------------------------------------------------------------------------------ API key
+def test_api_key_from_the_environment_or_a_file(tmp_path, monkeypatch):
+    from ernie_cluster.serving.ray_serve.config import API_KEY_ENV
+
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    assert serve_config().with_api_key_resolved().api_key is None
+    monkeypatch.setenv(API_KEY_ENV, "sk-from-env\n")
+    assert serve_config().with_api_key_resolved().api_key == "sk-from-env"
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")
+    resolved = serve_config("--api-key-file", str(key_file)).with_api_key_resolved()
+    assert (resolved.api_key, resolved.api_key_file) == ("sk-from-file", None)
+    assert serve_config("--api-key", "sk-flag").with_api_key_resolved().api_key == "sk-flag"
+    # what build_app hands to the ingress validates again
+    type(resolved).model_validate(resolved.model_dump())
+
+
+def test_api_key_flags_rejected(tmp_path, capsys):
+    from ernie_cluster.cli.main import main
+
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-x")
+    with pytest.raises(ValueError, match="either api_key or api_key_file"):
+        serve_config("--api-key", "a", "--api-key-file", str(key_file))
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="is empty"):
+        serve_config("--api-key-file", str(empty)).with_api_key_resolved()
+    with pytest.raises(ValueError, match="cannot read the API key file"):
+        serve_config("--api-key-file", str(tmp_path / "missing")).with_api_key_resolved()
+    assert main(["serve", "--api-key-file", str(empty)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert main(["serve", "--api-key-all-routes", "--api-key", "k"]) == 2
+    assert "needs --no-ray-serve" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_one_process_server_takes_the_key_from_a_file(tmp_path, tiny_checkpoint):
+    """`serve --no-ray-serve --api-key-file`: the key guards /v1 (401 + WWW-Authenticate
+    without it) and never appears on the command line."""
+    import signal
+    import time
+
+    import httpx
+
+    from ernie_cluster.distributed.process_group import free_port
+
+    key = "sk-secret-from-file"
+    key_file = tmp_path / "key"
+    key_file.write_text(key + "\n")
+    port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "ernie_cluster.cli.main",
+        "serve",
+        "--no-ray-serve",
+        "--model",
+        str(tiny_checkpoint),
+        "--served-model-name",
+        "tiny",
+        "--port",
+        str(port),
+        "--api-key-file",
+        str(key_file),
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as cmdline:
+            assert key.encode() not in cmdline.read()
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become healthy within 120 s")
+        denied = httpx.get(f"{base}/v1/models", timeout=10)
+        assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer"
+        allowed = httpx.get(
+            f"{base}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10
+        )
+        assert allowed.status_code == 200 and allowed.json()["data"][0]["id"] == "tiny"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate(timeout=10)
+    assert proc.returncode == 0, output
+    assert "Traceback" not in output and key not in output
+
+
+# ---------------------------------------------------------------------------- make-tiny
+def test_make_tiny_refuses_a_non_empty_directory(tmp_path, capsys):
+    from ernie_cluster.cli.main import main
+
+    target = tmp_path / "ck"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    assert main(["make-tiny", str(target)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "is not empty" in line and "notes.txt" in line and "--force" in line
+    assert sorted(p.name for p in target.iterdir()) == ["notes.txt"]
+    assert main(["make-tiny", str(target), "--force"]) == 0
+    assert (target / "config.json").is_file() and (target / "notes.txt").is_file()

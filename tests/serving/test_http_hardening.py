@@ -288,3 +288,61 @@ def test_unknown_arguments_in_openai_wording(served, body, message, param):
     assert error["message"] == message
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
+
+
+# ------------------------------------------------- the one-process server's header timeout
+HEADER_TIMEOUT_S = 0.5
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_checkpoint):
+    """`make_server` (what `serve --no-ray-serve` runs) with a short header timeout."""
+    import asyncio
+    import threading
+
+    from ernie_cluster.cli.ports import bind_exclusive
+    from ernie_cluster.distributed.process_group import free_port
+    from ernie_cluster.serving.local_server import make_server
+
+    app, _ = make_app(tiny_checkpoint)
+    sock = bind_exclusive(HOST, free_port(HOST))
+    server = make_server(app, sock, header_timeout_s=HEADER_TIMEOUT_S)
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert server.started, "the server did not start"
+        yield sock.getsockname()[1]
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"])
+def test_connection_without_headers_is_closed(one_process, sent):
+    """Connect and send nothing, or half the headers: closed after the header timeout."""
+    start = time.monotonic()
+    with socket.create_connection((HOST, one_process), timeout=SOCKET_TIMEOUT_S) as sock:
+        sock.sendall(sent)
+        received, closed = read_response(sock)
+    assert closed and received == b""
+    assert HEADER_TIMEOUT_S <= time.monotonic() - start < HEADER_TIMEOUT_S + 3.0
+
+
+def test_idle_keep_alive_connection_outlives_the_header_timeout(one_process):
+    """The timer covers a request's line and headers only: a kept-alive connection idle for
+    longer than it (within uvicorn's keep-alive timeout) still serves the next request."""
+    request = f"GET /health HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    with socket.create_connection((HOST, one_process), timeout=SOCKET_TIMEOUT_S) as sock:
+        for _ in range(2):
+            sock.sendall(request)
+            response = b""
+            while b'"ok"}' not in response:
+                chunk = sock.recv(65536)
+                assert chunk, f"connection closed; got {response!r}"
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 200 ")
+            time.sleep(HEADER_TIMEOUT_S * 2)

@@ -1,9 +1,9 @@
 """Build the Ray Serve application from a ServeAppConfig.
 
 `build_app` is the import path for `serve run` and KubeRay's serveConfigV2 (args are the
-ServeAppConfig fields); the CLI calls it too. Model replicas get their shard workers'
-resources as Serve placement-group bundles (bundle 0: the replica itself), so autoscaling
-adds whole model instances.
+ServeAppConfig fields, the API key resolved from api_key_file or ERNIE_CLUSTER_API_KEY); the
+CLI calls it too. Model replicas get their shard workers' resources as Serve placement-group
+bundles (bundle 0: the replica itself), so autoscaling adds whole model instances.
 """
 
 from __future__ import annotations
@@ -58,6 +58,9 @@ def llm_server_options(config: ServeAppConfig) -> dict[str, Any]:
 
 def build_app(args: dict[str, Any] | ServeAppConfig) -> serve.Application:
     config = args if isinstance(args, ServeAppConfig) else ServeAppConfig.model_validate(args)
+    # NOTE: the key is read here, where the app is built (the Serve controller's node under
+    # KubeRay, whose pods carry it from a Secret), and travels to the ingress inside Ray.
+    config = config.with_api_key_resolved()
     model = resolve_model(config)
     dumped = config.model_dump()
     board = (

@@ -1,8 +1,16 @@
 """ServeAppConfig: the one configuration model of a deployment (CLI flags, `serve run`
-YAML args and the Helm chart's serveConfigV2 all load through it)."""
+YAML args and the Helm chart's serveConfigV2 all load through it).
+
+The API key may come from the config (`api_key`), a file (`api_key_file`) or the
+ERNIE_CLUSTER_API_KEY environment variable (how the Helm chart passes a Kubernetes Secret);
+`with_api_key_resolved` reads them at the entry points, so the key never has to be written
+into a config file or a command line.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -10,6 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
 from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES
+
+API_KEY_ENV = "ERNIE_CLUSTER_API_KEY"
+
+
+def read_api_key_file(path: str | Path) -> str:
+    """The key in `path`: its content without surrounding whitespace (a trailing newline)."""
+    try:
+        key = Path(path).read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read the API key file {str(path)!r}: {exc.strerror}") from None
+    if not key:
+        raise ValueError(f"the API key file {str(path)!r} is empty")
+    if any(char.isspace() for char in key):
+        raise ValueError(f"the API key in {str(path)!r} has whitespace inside; one key, one line")
+    return key
 
 
 class AutoscalingConfig(BaseModel):
@@ -92,7 +115,14 @@ class ServeAppConfig(BaseModel):
     enforce_eager: bool = Field(False, description="No CUDA-graph capture of decode steps")
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
-    api_key: str | None = Field(None, description="Bearer token required on /v1 routes")
+    api_key: str | None = Field(
+        None,
+        description="Bearer token required on /v1 routes (prefer api_key_file or the "
+        f"{API_KEY_ENV} environment variable: a key in a config or command line leaks)",
+    )
+    api_key_file: str | None = Field(
+        None, description="File holding the API key (read where the app is built)"
+    )
     max_waiting_requests: int | None = Field(
         None, ge=1, description="Reject with 503 + Retry-After when this many requests wait"
     )
@@ -122,6 +152,10 @@ class ServeAppConfig(BaseModel):
     def _check(self) -> ServeAppConfig:
         if self.num_replicas is not None and self.autoscaling is not None:
             raise ValueError("set either num_replicas or autoscaling, not both")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set either api_key or api_key_file, not both")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key is empty; leave it unset to serve without a key")
         ep = self.expert_parallel_size or self.tensor_parallel_size
         if ep != self.tensor_parallel_size:
             raise ValueError(
@@ -135,6 +169,16 @@ class ServeAppConfig(BaseModel):
             if value is not None and value not in valid:
                 raise ValueError(f"unknown {name} {value!r}; choose one of {sorted(valid)}")
         return self
+
+    def with_api_key_resolved(self) -> ServeAppConfig:
+        """A copy whose `api_key` is the key to require: `api_key`, else the content of
+        `api_key_file`, else $ERNIE_CLUSTER_API_KEY, else None (no key)."""
+        key = self.api_key
+        if self.api_key_file is not None:
+            key = read_api_key_file(self.api_key_file)
+        elif key is None:
+            key = os.environ.get(API_KEY_ENV, "").strip() or None
+        return self.model_copy(update={"api_key": key, "api_key_file": None})
 
     def engine_config(self, model_path: str) -> EngineConfig:
         return EngineConfig(
