@@ -23,12 +23,12 @@ import ray
 from common import add_threads_arg, checkpoint, code_version, machine_summary, set_threads
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.engine.scheduler_output import (
+from ernie_cluster.executor.ray_executor import RayExecutor, RayWorkerBase
+from ernie_cluster.step_io import (
     CachedRequestData,
     ModelRunnerOutput,
     SchedulerOutput,
 )
-from ernie_cluster.executor.ray_executor import RayExecutor, RayWorkerBase
 
 
 class StubWorker(RayWorkerBase):

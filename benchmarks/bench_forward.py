@@ -39,14 +39,14 @@ from common import (
 )
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.engine.scheduler_output import (
+from ernie_cluster.loader import load_model
+from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
+from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.step_io import (
     CachedRequestData,
     NewRequestData,
     SchedulerOutput,
 )
-from ernie_cluster.loader import load_model
-from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
-from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.worker.model_runner import ModelRunner, allocate_kv_caches
 
 BLOCK_SIZE = 16

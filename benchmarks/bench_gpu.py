@@ -318,7 +318,7 @@ def expert_counts(model) -> torch.Tensor | None:
 
 
 def finish(runner, req_ids: list[str]) -> None:
-    from ernie_cluster.engine.scheduler_output import SchedulerOutput
+    from ernie_cluster.step_io import SchedulerOutput
 
     runner.execute_model(SchedulerOutput(finished_req_ids=list(req_ids)))
 

@@ -23,13 +23,13 @@ from common import BackgroundLoad, add_threads_arg, code_version, machine_summar
 from ernie_cluster.checkpoints.presets import preset_config
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
-from ernie_cluster.engine.scheduler_output import (
+from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
+from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.step_io import (
     CachedRequestData,
     NewRequestData,
     SchedulerOutput,
 )
-from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
-from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.worker.model_runner import ModelRunner
 
 BLOCK_SIZE = 16

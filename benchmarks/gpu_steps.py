@@ -44,12 +44,12 @@ def random_prompt(seed: int, length: int, vocab: int) -> list[int]:
 def decode_outputs(req_ids, contexts, num_steps, num_blocks, block_size, vocab, seed):
     """SchedulerOutputs of `num_steps` decode steps: the requests arrive with all but the last
     token of their context computed, then advance one token a step as diffs."""
-    from ernie_cluster.engine.scheduler_output import (
+    from ernie_cluster.sampling_params import SamplingParams
+    from ernie_cluster.step_io import (
         CachedRequestData,
         NewRequestData,
         SchedulerOutput,
     )
-    from ernie_cluster.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=num_steps + 1, ignore_eos=True)
     blocks = BlockAllocator(num_blocks)
@@ -81,12 +81,12 @@ def decode_outputs(req_ids, contexts, num_steps, num_blocks, block_size, vocab, 
 
 def prefill_outputs(req_id, prompt_len, chunk, num_blocks, block_size, vocab, seed):
     """SchedulerOutputs of one prompt prefilled `chunk` tokens a step."""
-    from ernie_cluster.engine.scheduler_output import (
+    from ernie_cluster.sampling_params import SamplingParams
+    from ernie_cluster.step_io import (
         CachedRequestData,
         NewRequestData,
         SchedulerOutput,
     )
-    from ernie_cluster.sampling_params import SamplingParams
 
     blocks = BlockAllocator(num_blocks)
     first = min(chunk, prompt_len)

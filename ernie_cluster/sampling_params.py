@@ -6,9 +6,14 @@ the same message. Sampling itself is in `ernie_cluster.sample`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
+
+from ernie_cluster.structured_output.params import StructuredOutputsParams
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
 
 
 @dataclass
@@ -38,6 +43,10 @@ class SamplingParams:
     """Number of top alternatives per token (the sampled token is always included)."""
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of these token ids before sampling, in [-100, 100] (OpenAI's)."""
+    structured_outputs: StructuredOutputsParams | None = None
+    """A JSON schema, regex, choice or grammar the output must match (a dict is accepted)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -46,11 +55,22 @@ class SamplingParams:
         self.stop_token_ids = [int(t) for t in self.stop_token_ids or []]
         if self.top_k == -1:
             self.top_k = 0
+        if self.logit_bias:
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+        else:
+            self.logit_bias = None
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**_known(self.structured_outputs))
         self.validate()
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    def resolve_stop_token_ids(self, eos_token_ids: Iterable[int]) -> frozenset[int]:
+        """Ids that end a sample: eos (unless `ignore_eos`) plus `stop_token_ids`."""
+        eos = frozenset() if self.ignore_eos else frozenset(int(t) for t in eos_token_ids)
+        return frozenset(self.stop_token_ids) | eos
 
     def validate(self) -> None:
         checks: list[tuple[bool, str, object]] = [
@@ -101,6 +121,22 @@ class SamplingParams:
                 self.stop_token_ids,
             ),
         ]
+        bias = self.logit_bias or {}
+        checks.append(
+            (
+                all(-MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS for v in bias.values()),
+                f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+                bias,
+            )
+        )
         for ok, message, value in checks:
             if not ok:
                 raise ValueError(f"{message}, got {value!r}")
+
+
+def _known(raw: dict[str, Any]) -> dict[str, Any]:
+    fields = StructuredOutputsParams.__dataclass_fields__
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown structured_outputs fields {unknown}; valid: {sorted(fields)}")
+    return raw

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.llm_engine import BatchFailedError, EngineStats, LLMEngine, Prompt
+from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import RequestOutput, accumulate
 from ernie_cluster.sampling_params import SamplingParams
 
@@ -83,15 +84,22 @@ class AsyncLLMEngine:
         priority: int = 0,
     ) -> AsyncIterator[RequestOutput]:
         """Stream the request's outputs as deltas; the last one has `finished=True`."""
+        request = self.engine.processor.process(request_id, prompt, params, priority=priority)
+        async for output in self.generate_request(request):
+            yield output
+
+    async def generate_request(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """`generate` for a request the input processor already built."""
         self._ensure_loop()
         self.check_health()
+        request_id = request.request_id
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream = _Stream(asyncio.Queue())
         self._num_adding += 1
         try:
             async with self._lock:  # type: ignore[union-attr]
-                self.engine.add_request(request_id, prompt, params, priority=priority)
+                self.engine.add_engine_request(request)
                 self._streams[request_id] = stream
         finally:
             self._num_adding -= 1

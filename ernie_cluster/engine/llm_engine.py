@@ -1,17 +1,16 @@
 """LLMEngine: the synchronous step loop (add requests, step, read outputs).
 
-Validates and tokenizes requests, expands n > 1 into sibling sequences, runs
-schedule -> execute -> update each step, and turns sampled tokens into RequestOutputs. One
-engine per model instance; the executor hides whether workers are local or Ray actors.
+Takes `EngineRequest`s from the input processor (or builds them with it), expands n > 1 into
+sibling sequences, runs schedule -> grammar bitmask -> execute -> update each step, and turns
+sampled tokens into RequestOutputs. One engine per model instance; the executor hides whether
+workers are local or Ray actors.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -21,15 +20,23 @@ from ernie_cluster.engine.kv_cache import KVCacheManager
 from ernie_cluster.engine.output_processor import OutputProcessor, RequestGroup
 from ernie_cluster.engine.request import Request, RequestStatus
 from ernie_cluster.engine.scheduler import Scheduler, SchedulerConfig
+from ernie_cluster.inputs.engine_request import EngineRequest
+from ernie_cluster.inputs.model_facts import ModelFacts
+from ernie_cluster.inputs.processor import InputProcessor, Prompt
 from ernie_cluster.loader.checkpoint_files import resolve_model_path
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.outputs import RequestOutput
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.structured_output.manager import StructuredOutputManager
 from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-Prompt = str | list[int]
+__all__ = ["BatchFailedError", "EngineStats", "LLMEngine", "Prompt"]
+
+# NOTE: how long a step with nothing runnable waits for a grammar to finish compiling before
+# returning to its caller (which may have new requests or aborts to apply).
+_GRAMMAR_WAIT_S = 0.05
 
 
 @dataclass
@@ -71,23 +78,19 @@ class BatchFailedError(RuntimeError):
         self.request_ids = request_ids
 
 
-def read_generation_eos(model_dir: Path) -> list[int]:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig, executor_factory=None) -> None:
         self.model_dir = resolve_model_path(config.model, config.revision)
         self.model_config = ErnieMoeConfig.from_pretrained(self.model_dir)
         self.config = config.resolve(self.model_config)
         self.tokenizer: Tokenizer | None = load_tokenizer(self.model_dir)
-        self.eos_token_ids = self._eos_token_ids()
+        self.facts = ModelFacts.load(
+            self.model_dir, self.model_config, self.tokenizer, self.config.max_model_len
+        )
+        self.processor = InputProcessor(self.facts, self.tokenizer)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, self.facts.eos_token_ids
+        )
         ShardSpec(0, self.config.world_size).check(self.model_config)  # before any worker starts
         if executor_factory is None:
             from ernie_cluster.executor import make_executor
@@ -114,46 +117,11 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return int(self.config.max_model_len)  # resolved in __init__
 
-    def _eos_token_ids(self) -> frozenset[int]:
-        ids = set(self.model_config.eos_token_ids)
-        ids.update(read_generation_eos(self.model_dir))
-        if self.tokenizer is not None:
-            ids.update(self.tokenizer.stop_token_ids_default())
-        return frozenset(ids)
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.facts.eos_token_ids
 
     # ------------------------------------------------------------------------ requests
-    def tokenize_prompt(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError(
-                    "this checkpoint has no tokenizer files: give prompts as token ids"
-                )
-            return prompt, self.tokenizer.encode(prompt)
-        token_ids = [int(t) for t in prompt]
-        vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
-        return None, token_ids
-
-    def resolve_max_tokens(self, num_prompt_tokens: int, params: SamplingParams) -> int:
-        if num_prompt_tokens == 0:
-            raise ValueError("the prompt is empty: give at least one token")
-        if num_prompt_tokens >= self.max_model_len:
-            raise ValueError(
-                f"the prompt has {num_prompt_tokens} tokens but max_model_len is "
-                f"{self.max_model_len}: no room to generate"
-            )
-        if params.max_tokens is None:
-            return self.max_model_len - num_prompt_tokens
-        if num_prompt_tokens + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"prompt ({num_prompt_tokens} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{num_prompt_tokens + params.max_tokens} exceeds max_model_len "
-                f"({self.max_model_len})"
-            )
-        return params.max_tokens
-
     def add_request(
         self,
         request_id: str,
@@ -161,38 +129,45 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
     ) -> None:
-        params = params or SamplingParams()
+        """Process and add one request (raises ValueError / InputError on bad input)."""
+        self.add_engine_request(
+            self.processor.process(request_id, prompt, params, priority=priority)
+        )
+
+    def add_engine_request(self, request: EngineRequest) -> None:
+        """Add a request the input processor built; nothing is checked again."""
+        request_id, params = request.request_id, request.params
         if request_id in self.output_processor.groups:
             raise ValueError(f"request id {request_id!r} is already in use")
-        text, token_ids = self.tokenize_prompt(prompt)
-        max_tokens = self.resolve_max_tokens(len(token_ids), params)
-        stop_ids = frozenset(params.stop_token_ids) | (
-            frozenset() if params.ignore_eos else self.eos_token_ids
-        )
         arrival = next(self._arrival)
-        requests: list[Request] = []
+        sequences: list[Request] = []
         for index in range(params.n):
-            requests.append(
+            sequences.append(
                 Request(
                     request_id=request_id if params.n == 1 else f"{request_id}#{index}",
-                    prompt_token_ids=token_ids,
+                    prompt_token_ids=request.prompt_token_ids,
                     params=params,
-                    stop_token_ids=stop_ids,
-                    max_tokens=max_tokens,
+                    stop_token_ids=request.stop_token_ids,
+                    max_tokens=request.max_tokens,
                     parent_id=request_id,
                     sample_index=index,
-                    priority=priority,
+                    priority=request.priority,
                     arrival_seq=arrival,
-                    prefill_leader=requests[0]
+                    prefill_leader=sequences[0]
                     if index and self.config.enable_prefix_caching
                     else None,
                 )
             )
-        for request in requests:
-            self.scheduler.add_request(request)  # raises before anything is half-added
-        group = RequestGroup(request_id, text, token_ids)
-        self.output_processor.add_group(group, requests)
-        self._num_prompt_tokens += len(token_ids)
+        if request.grammar is not None:
+            for sequence in sequences:
+                sequence.grammar = self.structured.new_state(
+                    request.grammar, request.stop_token_ids
+                )
+        for sequence in sequences:
+            self.scheduler.add_request(sequence)  # raises before anything is half-added
+        group = RequestGroup(request_id, request.prompt_text, request.prompt_token_ids)
+        self.output_processor.add_group(group, sequences)
+        self._num_prompt_tokens += len(request.prompt_token_ids)
 
     def abort_request(self, request_ids: str | list[str]) -> None:
         ids = [request_ids] if isinstance(request_ids, str) else request_ids
@@ -216,7 +191,13 @@ class LLMEngine:
         """Run one step; return outputs of requests that changed (cumulative by default)."""
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+            # Nothing runnable: the waiting requests' grammars are still compiling.
+            self.structured.wait_for_any(
+                (r.grammar for r in self.scheduler.waiting if r.grammar is not None),
+                _GRAMMAR_WAIT_S,
+            )
             return []
+        scheduler_output.grammar = self._grammar_bitmask(scheduler_output)
         try:
             runner_output = self.executor.execute_model(scheduler_output)
         except Exception as exc:
@@ -234,6 +215,11 @@ class LLMEngine:
             status = self.output_processor.process_token(
                 request, token, runner_output.logprobs.get(request.request_id)
             )
+            if request.grammar is not None and request.grammar.accept(token):
+                # The constraint is complete (or broken): the sequence ends here.
+                status = status or RequestStatus.FINISHED_STOPPED
+                if request.grammar.error is not None:
+                    status = RequestStatus.FINISHED_ERROR
             if status is not None:
                 to_finish.setdefault(status, []).append(request.request_id)
             touched[request.parent_id] = self.output_processor.group_of[request.request_id]
@@ -246,6 +232,18 @@ class LLMEngine:
             if group.finished:
                 self.output_processor.remove_group(group)
         return outputs
+
+    def _grammar_bitmask(self, scheduler_output):
+        """The bitmask of constrained sequences that sample this step (None: none do)."""
+        requests = self.scheduler.requests
+        sampling = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = requests[req_id]
+            # NOTE: computed counts were advanced when scheduled: a request samples this step
+            # when its scheduled tokens reach the end of its sequence.
+            if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
+                sampling.append((req_id, request.grammar))
+        return self.structured.bitmask(sampling) if sampling else None
 
     def _fail_batch(self, scheduler_output, exc: Exception) -> None:
         request_ids = list(scheduler_output.num_scheduled_tokens)
@@ -279,6 +277,7 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
+        self.structured.shutdown()
         if self.executor is not None:
             self.executor.shutdown()
             self.executor = None

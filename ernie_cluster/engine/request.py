@@ -2,7 +2,8 @@
 
 The scheduler's invariant lives here: `num_computed_tokens` catches up with `num_tokens`
 (prompt + output). Prefill chunks, decodes, prefix-cache hits and recompute after preemption
-are all the same thing: computing the next tokens of this list. Never holds tensors.
+are all the same thing: computing the next tokens of this list. Never holds tensors (a
+constrained sequence holds its grammar matcher).
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ernie_cluster.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from ernie_cluster.structured_output.manager import GrammarState
 
 
 class RequestStatus(enum.IntEnum):
@@ -61,6 +66,8 @@ class Request:
     """For n > 1 siblings: wait until this sibling's prompt is computed, then hit its blocks."""
     first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
+    grammar: GrammarState | None = None
+    """The output constraint's matcher; None when unconstrained."""
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -92,7 +99,10 @@ class Request:
         return FINISH_REASONS.get(self.status)
 
     def is_ready(self) -> bool:
-        """False while an n > 1 sibling is still computing the shared prompt."""
+        """False while its grammar compiles, or an n > 1 sibling is still computing the shared
+        prompt."""
+        if self.grammar is not None and not self.grammar.is_ready:
+            return False
         leader = self.prefill_leader
         # NOTE: the leader's first sampled token proves its prompt KV was written and the
         # blocks published; num_computed_tokens alone advances before the step runs.

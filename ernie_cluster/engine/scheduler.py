@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ernie_cluster.engine.kv_cache import KVCacheManager
 from ernie_cluster.engine.request import Request, RequestStatus
-from ernie_cluster.engine.scheduler_output import (
+from ernie_cluster.step_io import (
     CachedRequestData,
     NewRequestData,
     SchedulerOutput,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.worker import Worker
 
 

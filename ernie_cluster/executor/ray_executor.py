@@ -12,6 +12,7 @@ local Ray.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -22,8 +23,8 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.executor.step_channel import StepChannelServer, StepChannelWorker, StepFailure
+from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,11 @@ class RayExecutor:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._raise_if_dead()
         try:
-            replies = self._channel.step(scheduler_output, self.step_timeout_s)
+            # NOTE: only rank 0 samples, so only it receives the grammar bitmask.
+            others = scheduler_output
+            if scheduler_output.grammar is not None:
+                others = dataclasses.replace(scheduler_output, grammar=None)
+            replies = self._channel.step(others, self.step_timeout_s, scheduler_output)
         except OSError as exc:  # a closed socket (dead worker) or a timeout
             self._mark_dead(exc)
             raise WorkerDiedError(f"a shard worker stopped answering: {exc}") from exc

@@ -72,11 +72,17 @@ class StepChannelServer:
         self._conns = [by_rank[r] for r in range(world_size)]
         self._listener.close()
 
-    def step(self, message: Any, timeout_s: float | None) -> list[Any]:
-        """Send `message` to every rank; return each rank's reply (raises on a dead rank)."""
+    def step(
+        self, message: Any, timeout_s: float | None, first_rank_message: Any = None
+    ) -> list[Any]:
+        """Send `message` to every rank (rank 0 gets `first_rank_message` instead, when given);
+        return each rank's reply (raises on a dead rank)."""
         payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        for conn in self._conns:
-            _send(conn, payload)
+        first_payload = payload
+        if first_rank_message is not None:
+            first_payload = pickle.dumps(first_rank_message, protocol=pickle.HIGHEST_PROTOCOL)
+        for rank, conn in enumerate(self._conns):
+            _send(conn, first_payload if rank == 0 else payload)
         replies = []
         for conn in self._conns:
             conn.settimeout(timeout_s)

@@ -174,6 +174,34 @@ class MinTokens:
         logits.view(-1).index_fill_(0, upload[self.flat_ids], float("-inf"))
 
 
+@dataclass(frozen=True)
+class LogitBias:
+    """Host plan of the rows' logit biases (OpenAI `logit_bias`)."""
+
+    flat_ids: Slot
+    """Flat `row * V + token_id` of every biased logit."""
+    values: Slot
+
+    @classmethod
+    def plan(
+        cls, states: list[SamplingState], vocab_size: int, upload: StepUpload
+    ) -> LogitBias | None:
+        flat_ids, values = [], []
+        for i, state in enumerate(states):
+            for token, bias in (state.params.logit_bias or {}).items():
+                if token < vocab_size:
+                    flat_ids.append(i * vocab_size + token)
+                    values.append(bias)
+        if not flat_ids:
+            return None
+        return cls(upload.ints(flat_ids), upload.floats(values))
+
+    def apply(self, logits: torch.Tensor, upload: StepUpload) -> None:
+        """Add the biases to `logits` [B, V] (contiguous) in place."""
+        flat = logits.view(-1)
+        flat.index_add_(0, upload[self.flat_ids], upload[self.values].to(logits.dtype))
+
+
 def _padded(rows: list[list[int]], vocab_size: int) -> np.ndarray | None:
     """[P, L] the rows' token ids, -1 padded; ids past the vocabulary become padding too;
     None when there are none."""

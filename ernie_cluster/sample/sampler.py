@@ -1,7 +1,8 @@
 """Sampler: turns one step's logits [B, V] into one token per request, plus logprobs.
 
-Data path: raw logits -> logprobs (raw) ; working copy -> penalties -> min_tokens mask ->
-greedy argmax | temperature -> top-k/top-p -> softmax -> min-p -> exponential race.
+Data path: raw logits -> logprobs (raw) ; working copy -> logit bias -> penalties ->
+min_tokens mask -> greedy argmax | temperature -> top-k/top-p -> softmax -> min-p ->
+exponential race. (A grammar bitmask, when a step has one, is applied before all of it.)
 Every decision (which rows, which stage, how many candidates) is taken on the host from the
 `SamplingParams`; the per-row parameters reach the device as ONE packed copy (none for an
 all-greedy batch without penalties, min_tokens or a logprobs subset), and nothing is read
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ernie_cluster.sample.logprobs import Logprobs, TokenLogprobs
-from ernie_cluster.sample.penalties import MinTokens, Penalties
+from ernie_cluster.sample.penalties import LogitBias, MinTokens, Penalties
 from ernie_cluster.sample.sampling_state import SamplingState
 from ernie_cluster.sample.top_k_top_p import TopKTopP, apply_min_p
 from ernie_cluster.sample.upload import Slot, StepUpload
@@ -74,6 +75,7 @@ class Sampler:
             )
         vocab_size, device = logits.shape[1], logits.device
         upload = StepUpload()
+        bias = LogitBias.plan(states, vocab_size, upload)
         penalties = Penalties.plan(states, vocab_size, device, upload)
         min_tokens = MinTokens.plan(states, vocab_size, upload)
         sampling = _RandomRows.plan(states, vocab_size, upload)
@@ -81,8 +83,10 @@ class Sampler:
         upload.send(device)
 
         working = logits
-        if penalties is not None or min_tokens is not None:
+        if bias is not None or penalties is not None or min_tokens is not None:
             working = logits.clone(memory_format=torch.contiguous_format)  # [B, V]
+            if bias is not None:
+                bias.apply(working, upload)
             if penalties is not None:
                 penalties.apply(working, upload)
             if min_tokens is not None:

@@ -53,9 +53,6 @@ class SamplingState:
         device: torch.device | str = "cpu",
     ) -> SamplingState:
         prompt = [int(t) for t in prompt_token_ids]
-        stop_ids = set(params.stop_token_ids)
-        if not params.ignore_eos:
-            stop_ids.update(int(t) for t in eos_token_ids)
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device)
@@ -67,7 +64,7 @@ class SamplingState:
             params=params,
             prompt_token_ids=prompt,
             output_token_ids=[],
-            stop_token_ids=frozenset(stop_ids),
+            stop_token_ids=params.resolve_stop_token_ids(eos_token_ids),
             generator=generator,
             prompt_ids_tensor=prompt_ids_tensor,
         )

@@ -2,20 +2,24 @@
 tool calls, whole or streamed as server-sent events.
 
 Tool choice: "none" leaves tools out of the prompt and never parses calls; "auto" renders
-them and parses whatever the model emits; "required" and a named function force the call by
-prefilling the assistant turn (`</think>` then `<tool_call>` and, for a named function, its
-name), so the model can only continue with a call. Errors raised before the first token are
-HTTP errors; later ones end the stream with an error event.
+them and parses whatever the model emits (a call to a strict tool is grammar-constrained);
+"required" and a named function constrain the answer to tool calls (serving.constraints).
+With the reasoning parser on, every constraint starts after `</think>`, so the model thinks
+freely first. Errors raised before the first token are HTTP errors; later ones end the stream
+with an error event.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
+from ernie_cluster.serving.constraints import chat_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
 from ernie_cluster.serving.logprobs import chat_logprobs
@@ -37,27 +41,31 @@ from ernie_cluster.serving.protocol import (
     Usage,
     random_id,
 )
-from ernie_cluster.serving.request_params import resolve_max_tokens, to_sampling_params
+from ernie_cluster.serving.request_params import bad_request, to_sampling_params
 from ernie_cluster.serving.settings import ServingSettings
 from ernie_cluster.serving.sse import DONE, peeked, sse
 
 logger = logging.getLogger(__name__)
 
-FORCED_CALL_PREFIX = "\n</think>\n\n\n<tool_call>\n"
+# NOTE: rendering and tokenizing a prompt this large takes long enough to be felt by every
+# other request on the event loop, so it moves to a thread.
+_OFF_LOOP_CHARS = 32_768
 
 
 @dataclass
 class ChatPlan:
     """A validated chat request, ready for the engine."""
 
-    prompt_token_ids: list[int]
-    forced_prefix: str
+    engine_request: EngineRequest
     parse_tools: bool
     use_parser: bool
     top_logprobs: int
-    params: object
     num_choices: int
     include_reasoning: bool
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.engine_request.prompt_token_ids
 
 
 @dataclass
@@ -102,37 +110,34 @@ class ChatHandler:
     metrics: ServingMetrics
 
     # ------------------------------------------------------------------------ planning
-    def plan(self, request: ChatCompletionRequest) -> ChatPlan:
+    def plan(self, request: ChatCompletionRequest, request_id: str) -> ChatPlan:
         tokenizer = self.settings.tokenizer
         if tokenizer is None or tokenizer.chat_template is None:
             raise BadRequestError("this model has no chat template: use /v1/completions")
         tools = request.tools or []
         tool_names = [tool.function.name for tool in tools]
         choice = request.tool_choice or ("auto" if tools else "none")
-        forced_prefix = ""
-        if isinstance(choice, NamedToolChoice):
-            if choice.function.name not in tool_names:
-                raise BadRequestError(
-                    f"tool_choice names the function {choice.function.name!r}, which is not "
-                    f"among the request's tools {tool_names}",
-                    param="tool_choice",
-                )
-            forced_prefix = (
-                FORCED_CALL_PREFIX + f'{{"name": "{choice.function.name}", "arguments": '
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in tool_names:
+            raise BadRequestError(
+                f"tool_choice names the function {choice.function.name!r}, which is not "
+                f"among the request's tools {tool_names}",
+                param="tool_choice",
             )
-        elif choice == "required":
-            if not tools:
-                raise BadRequestError("tool_choice 'required' needs tools", param="tool_choice")
-            forced_prefix = FORCED_CALL_PREFIX + '{"name": "'
-        parse_tools = choice != "none" and self.settings.tool_call_parser is not None
-        if forced_prefix and self.settings.tool_call_parser is None:
+        forced = isinstance(choice, NamedToolChoice) or choice == "required"
+        if choice == "required" and not tools:
+            raise BadRequestError("tool_choice 'required' needs tools", param="tool_choice")
+        if forced and self.settings.tool_call_parser is None:
             raise BadRequestError(
                 "tool_choice 'required' or a named function needs the server started with "
                 "--tool-call-parser",
                 param="tool_choice",
             )
+        parse_tools = choice != "none" and self.settings.tool_call_parser is not None
         if request.top_logprobs is not None and not request.logprobs:
             raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
+        self.settings.processor.check_text_size(
+            sum(len(m.text() or "") for m in request.messages), "messages"
+        )
         try:
             prompt = tokenizer.apply_chat_template(
                 template_messages(request),
@@ -146,28 +151,34 @@ class ChatHandler:
             raise BadRequestError(
                 f"cannot render the chat template: {exc}", param="messages"
             ) from exc
-        prompt_ids = tokenizer.encode(prompt + forced_prefix)
-        max_tokens = resolve_max_tokens(
-            request.max_completion_tokens or request.max_tokens,
-            len(prompt_ids),
-            self.settings.max_model_len,
-        )
         use_parser = self.settings.reasoning_parser is not None or parse_tools
+        after_reasoning = self.settings.reasoning_parser is not None
         top_logprobs = request.top_logprobs or 0
-        params = to_sampling_params(
-            request,
-            self.settings,
-            max_tokens,
-            logprobs=top_logprobs if request.logprobs else None,
-            skip_special_tokens=False if use_parser else request.skip_special_tokens,
-        )
+        try:
+            constraint = chat_constraint(request, after_reasoning)
+            params = to_sampling_params(
+                request,
+                self.settings,
+                request.max_completion_tokens or request.max_tokens,
+                logprobs=top_logprobs if request.logprobs else None,
+                skip_special_tokens=False if use_parser else request.skip_special_tokens,
+                constraint=constraint,
+            )
+            engine_request = self.settings.processor.process(
+                request_id,
+                prompt,
+                params,
+                priority=request.priority,
+                constrain_after_reasoning=after_reasoning,
+                prompt_param="messages",
+            )
+        except ValueError as exc:
+            raise bad_request(exc) from exc
         return ChatPlan(
-            prompt_ids,
-            forced_prefix,
+            engine_request,
             parse_tools,
             use_parser,
             top_logprobs,
-            params,
             request.n,
             request.include_reasoning,
         )
@@ -175,32 +186,26 @@ class ChatHandler:
     def _parser(self, plan: ChatPlan) -> ErnieX1Parser | None:
         if not plan.use_parser:
             return None
-        parser = make_parser(
+        return make_parser(
             self.settings.reasoning_parser,
             self.settings.tool_call_parser,
             tools_enabled=plan.parse_tools,
         )
-        if parser is not None and plan.forced_prefix:
-            parser.feed(plan.forced_prefix)  # held inside the parser until the call closes
-        return parser
 
     # ------------------------------------------------------------------------ running
     async def create(
         self, request: ChatCompletionRequest, session_key: str
     ) -> tuple[ChatCompletionResponse | AsyncIterator[str], str | None]:
         """The response (or its SSE stream) and the replica serving it."""
-        plan = self.plan(request)
         request_id = random_id("chatcmpl")
+        if sum(len(m.text() or "") for m in request.messages) > _OFF_LOOP_CHARS:
+            plan = await asyncio.to_thread(self.plan, request, request_id)
+        else:
+            plan = self.plan(request, request_id)
         tracker = self.metrics.track(request_id, len(plan.prompt_token_ids))
         try:
             outputs = await peeked(
-                self.client.generate(
-                    plan.prompt_token_ids,
-                    plan.params,
-                    request_id,
-                    priority=request.priority,
-                    session_key=session_key,
-                )
+                self.client.generate(plan.engine_request, session_key=session_key)
             )
         except BaseException as exc:
             tracker.finish(exc)
@@ -239,7 +244,7 @@ class ChatHandler:
             finish = state.finish_reason
             parser = self._parser(plan)
             if parser is not None:
-                parsed = parser.parse(plan.forced_prefix + state.text)
+                parsed = parser.parse(state.text)
                 message = AssistantMessage(
                     content=parsed.content,
                     reasoning_content=parsed.reasoning_content if plan.include_reasoning else None,

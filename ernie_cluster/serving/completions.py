@@ -1,6 +1,6 @@
 """POST /v1/completions: text or token-id prompts (one or a batch) -> engine -> choices,
-whole or streamed. A batch of prompts runs as concurrent engine requests whose streams are
-merged; choice i*n+j is sample j of prompt i."""
+whole or streamed. A batch of prompts is submitted at once as concurrent engine requests
+whose streams are merged; choice i*n+j is sample j of prompt i."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
 from ernie_cluster.serving.chat import usage
+from ernie_cluster.serving.constraints import request_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
 from ernie_cluster.serving.logprobs import completion_logprobs
@@ -22,11 +24,16 @@ from ernie_cluster.serving.protocol import (
     CompletionResponse,
     random_id,
 )
-from ernie_cluster.serving.request_params import resolve_max_tokens, to_sampling_params
+from ernie_cluster.serving.request_params import bad_request, to_sampling_params
 from ernie_cluster.serving.settings import ServingSettings
 from ernie_cluster.serving.sse import DONE, peeked, sse
 
 logger = logging.getLogger(__name__)
+
+MAX_PROMPTS_PER_REQUEST = 256
+"""Prompts one /v1/completions request may batch (vLLM sets none; 1000 would hold a replica)."""
+# NOTE: tokenizing more text than this moves to a thread, off the event loop.
+_OFF_LOOP_CHARS = 32_768
 
 
 @dataclass
@@ -35,7 +42,7 @@ class CompletionHandler:
     settings: ServingSettings
     metrics: ServingMetrics
 
-    def prompts(self, request: CompletionRequest) -> list[tuple[str | None, list[int]]]:
+    def prompts(self, request: CompletionRequest) -> list[str | list[int]]:
         raw = request.prompt
         if isinstance(raw, str):
             items: list = [raw]
@@ -45,34 +52,41 @@ class CompletionHandler:
             items = list(raw)
         if not items:
             raise BadRequestError("prompt must not be empty", param="prompt")
+        if len(items) > MAX_PROMPTS_PER_REQUEST:
+            raise BadRequestError(
+                f"a request holds at most {MAX_PROMPTS_PER_REQUEST} prompts, got {len(items)}; "
+                "split the batch",
+                param="prompt",
+            )
+        self.settings.processor.check_text_size(
+            sum(len(item) for item in items if isinstance(item, str)), "prompt"
+        )
+        return items
+
+    def plan(self, request: CompletionRequest, base_id: str) -> list[EngineRequest]:
+        """One engine request per prompt, all validated before any reaches the engine."""
+        constraint = request_constraint(request)
+        params = to_sampling_params(
+            request,
+            self.settings,
+            request.max_tokens,
+            logprobs=request.logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            constraint=constraint,
+        )
+        processor = self.settings.processor
         tokenizer = self.settings.tokenizer
-        result = []
-        for item in items:
-            if isinstance(item, str):
-                if tokenizer is None:
-                    raise BadRequestError(
-                        "this model has no tokenizer: send token ids", param="prompt"
-                    )
-                try:
-                    ids = tokenizer.encode(item)
-                except (TypeError, ValueError) as exc:  # e.g. a lone surrogate
-                    raise BadRequestError(
-                        f"cannot tokenize the prompt: {exc}", param="prompt"
-                    ) from exc
-                result.append((item, ids))
-            else:
-                bad = [t for t in item if not 0 <= t < self.settings.vocab_size]
-                if bad:
-                    raise BadRequestError(
-                        f"token id {bad[0]} is outside the vocabulary [0, "
-                        f"{self.settings.vocab_size})",
-                        param="prompt",
-                    )
-                text = tokenizer.decode(item, skip_special_tokens=False) if tokenizer else None
-                result.append((text, list(item)))
-            if not result[-1][1]:
-                raise BadRequestError("prompt must contain at least one token", param="prompt")
-        return result
+        requests = []
+        for i, prompt in enumerate(self.prompts(request)):
+            engine_request = processor.process(
+                f"{base_id}-{i}", prompt, params, priority=request.priority
+            )
+            if engine_request.prompt_text is None and tokenizer is not None:
+                engine_request.prompt_text = tokenizer.decode(
+                    engine_request.prompt_token_ids, skip_special_tokens=False
+                )
+            requests.append(engine_request)
+        return requests
 
     async def create(
         self, request: CompletionRequest, session_key: str
@@ -85,40 +99,32 @@ class CompletionHandler:
                 "echo with logprobs needs prompt logprobs, which this server does not compute",
                 param="echo",
             )
-        prompts = self.prompts(request)
         base_id = random_id("cmpl")
-        trackers, streams = [], []
+        raw = request.prompt
+        size = len(raw) if isinstance(raw, str) else sum(len(p) for p in raw if isinstance(p, str))
         try:
-            for i, (_, ids) in enumerate(prompts):
-                max_tokens = resolve_max_tokens(
-                    request.max_tokens, len(ids), self.settings.max_model_len
-                )
-                params = to_sampling_params(
-                    request,
-                    self.settings,
-                    max_tokens,
-                    logprobs=request.logprobs,
-                    skip_special_tokens=request.skip_special_tokens,
-                )
-                tracker = self.metrics.track(f"{base_id}-{i}", len(ids))
-                trackers.append(tracker)
-                streams.append(
-                    await peeked(
-                        self.client.generate(
-                            ids,
-                            params,
-                            f"{base_id}-{i}",
-                            priority=request.priority,
-                            session_key=session_key,
-                        )
-                    )
-                )
-        except BaseException as exc:
-            for stream in streams:
-                await stream.aclose()
+            if size > _OFF_LOOP_CHARS:
+                requests = await asyncio.to_thread(self.plan, request, base_id)
+            else:
+                requests = self.plan(request, base_id)
+        except ValueError as exc:
+            raise bad_request(exc) from exc
+        prompts = [(r.prompt_text, r.prompt_token_ids) for r in requests]
+        trackers = [self.metrics.track(r.request_id, len(r.prompt_token_ids)) for r in requests]
+        # NOTE: every prompt is submitted at once, so a batch shares engine steps.
+        results = await asyncio.gather(
+            *(peeked(self.client.generate(r, session_key=session_key)) for r in requests),
+            return_exceptions=True,
+        )
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        if failure is not None:
+            for result in results:
+                if not isinstance(result, BaseException):
+                    await result.aclose()
             for tracker in trackers:
-                tracker.finish(exc)
-            raise
+                tracker.finish(failure)
+            raise failure
+        streams = list(results)
         replica = getattr(streams[0], "served_by", None)
         if request.stream:
             return self._stream(request, base_id, prompts, streams, trackers), replica

@@ -2,8 +2,8 @@
 
 `EngineClient` is the seam between serving and the engine: the Ray Serve deployment
 implements it over a DeploymentHandle, tests implement it with scripted engines, and
-`LocalEngineClient` runs an AsyncLLMEngine in the same process. Clients take token ids
-(tokenization happens in the HTTP layer) and stream RequestOutput deltas.
+`LocalEngineClient` runs an AsyncLLMEngine in the same process. Clients take `EngineRequest`s
+(built by the input processor in the HTTP layer) and stream RequestOutput deltas.
 """
 
 from __future__ import annotations
@@ -14,19 +14,14 @@ from typing import Any, Protocol
 
 from ernie_cluster.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from ernie_cluster.engine.llm_engine import BatchFailedError
+from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import RequestOutput
-from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.serving.errors import EngineUnavailableError, OpenAIError, OverloadedError
 
 
 class EngineClient(Protocol):
     def generate(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-        priority: int = 0,
-        session_key: str | None = None,
+        self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas; raises OverloadedError / EngineUnavailableError / ValueError."""
         ...
@@ -67,18 +62,11 @@ class LocalEngineClient:
             )
 
     async def generate(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-        priority: int = 0,
-        session_key: str | None = None,
+        self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         self.check_admission()
         try:
-            async for output in self.engine.generate(
-                prompt_token_ids, params, request_id, priority=priority
-            ):
+            async for output in self.engine.generate_request(request):
                 yield output
         except EngineDeadError as exc:
             raise EngineUnavailableError(str(exc)) from exc

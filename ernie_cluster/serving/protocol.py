@@ -1,8 +1,14 @@
 """OpenAI-compatible request and response bodies (pydantic), the HTTP boundary's types.
 
 Field names and defaults follow the OpenAI API and what vLLM accepts on top of it
-(top_k, min_p, repetition_penalty, chat_template_kwargs...). Ranges are checked here so a
-bad value is a 400 naming the parameter; cross-field checks live in the handlers.
+(top_k, min_p, repetition_penalty, chat_template_kwargs, structured_outputs, guided_*...).
+Ranges are checked here so a bad value is a 400 naming the parameter; cross-field checks live
+in the handlers.
+
+Unknown top-level request fields are refused with a 400 naming them, as OpenAI does, so a typo
+such as `max_token` never passes unnoticed. Nested objects (messages, tools) accept and ignore
+extra keys: clients send back assistant messages with fields such as `refusal` or
+`annotations` from earlier responses.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ def random_id(prefix: str) -> str:
 
 class OpenAIModel(BaseModel):
     model_config = ConfigDict(extra="allow")
+
+
+class RequestBody(OpenAIModel):
+    """A top-level request: unknown fields are errors."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 # ------------------------------------------------------------------------------ requests
@@ -82,7 +94,31 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIModel):
+class JsonSchemaSpec(OpenAIModel):
+    name: str = Field(default="response", max_length=256)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
+class StructuredOutputsField(OpenAIModel):
+    """vLLM's `structured_outputs` extra-body field: exactly one constraint."""
+
+    model_config = ConfigDict(extra="forbid")
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
+
+
+class SamplingFields(RequestBody):
     """Sampling fields shared by chat and completions."""
 
     model: str = Field(min_length=1)
@@ -104,12 +140,26 @@ class SamplingFields(OpenAIModel):
     user: str | None = None
     priority: int = 0
     skip_special_tokens: bool = True
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    # Accepted from OpenAI clients and ignored: they change nothing a self-hosted model does.
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    prompt_cache_key: str | None = None
+    safety_identifier: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False

@@ -1,46 +1,38 @@
-"""From an OpenAI request to engine inputs: SamplingParams, the max_tokens that fits, and the
-session key that routes a conversation to the replica holding its cached prefix."""
+"""From an OpenAI request to engine inputs: SamplingParams (output constraint included), and
+the session key that routes a conversation to the replica holding its cached prefix. Limits
+that depend on the prompt (max_tokens, vocabulary) are the input processor's."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import Any
 
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.serving.errors import BadRequestError
 from ernie_cluster.serving.protocol import ChatCompletionRequest, SamplingFields
 from ernie_cluster.serving.settings import ServingSettings
+from ernie_cluster.structured_output.params import StructuredOutputsParams
 
 SESSION_HEADER = "x-session-id"
 
 
-def resolve_max_tokens(requested: int | None, num_prompt_tokens: int, max_model_len: int) -> int:
-    if num_prompt_tokens >= max_model_len:
-        raise BadRequestError(
-            f"the prompt has {num_prompt_tokens} tokens but max_model_len is {max_model_len}",
-            param="messages",
-            code="context_length_exceeded",
-        )
-    if requested is None:
-        return max_model_len - num_prompt_tokens
-    if num_prompt_tokens + requested > max_model_len:
-        raise BadRequestError(
-            f"this model's maximum context length is {max_model_len} tokens, but the request "
-            f"has {num_prompt_tokens} prompt tokens and asks for {requested} completion tokens "
-            f"({num_prompt_tokens + requested} in total)",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return requested
+def bad_request(exc: ValueError) -> BadRequestError:
+    """An input problem as a 400, keeping the parameter and code an InputError names."""
+    return BadRequestError(
+        str(exc), param=getattr(exc, "param", None), code=getattr(exc, "code", None)
+    )
 
 
 def to_sampling_params(
     request: SamplingFields,
     settings: ServingSettings,
-    max_tokens: int,
+    max_tokens: int | None,
     logprobs: int | None,
     skip_special_tokens: bool,
+    constraint: dict[str, Any] | None = None,
 ) -> SamplingParams:
+    """`constraint`: the request's output format (see serving.constraints), if any."""
     defaults = settings.default_sampling
     temperature = request.temperature
     if temperature is None:
@@ -60,15 +52,32 @@ def to_sampling_params(
             repetition_penalty=request.repetition_penalty or 1.0,
             seed=request.seed,
             max_tokens=max_tokens,
-            min_tokens=min(request.min_tokens, max_tokens),
+            min_tokens=min(request.min_tokens, max_tokens or request.min_tokens),
             stop=stop,
             stop_token_ids=list(request.stop_token_ids or []),
             ignore_eos=request.ignore_eos,
             logprobs=logprobs,
             skip_special_tokens=skip_special_tokens,
+            logit_bias=_logit_bias(request.logit_bias),
+            structured_outputs=None
+            if constraint is None
+            else StructuredOutputsParams(
+                structural_tag={"type": "structural_tag", "format": constraint}
+            ),
         )
     except ValueError as exc:
-        raise BadRequestError(str(exc)) from exc
+        raise bad_request(exc) from exc
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    if not raw:
+        return None
+    try:
+        return {int(token): bias for token, bias in raw.items()}
+    except ValueError as exc:
+        raise BadRequestError(
+            f"logit_bias keys must be token ids, got {sorted(raw)[:5]}", param="logit_bias"
+        ) from exc
 
 
 def session_key(header_value: str | None, user: str | None, request: SamplingFields) -> str:

@@ -1,14 +1,18 @@
 """ServingSettings: what the HTTP layer knows about the model it fronts (names, limits,
-parsers, defaults), resolved once at start-up from the checkpoint and the CLI/config."""
+parsers, the input processor), resolved once at start-up from the checkpoint and the
+CLI/config. `ServingSettings.from_checkpoint` is the one way to build them."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
+from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.inputs.model_facts import ModelFacts
+from ernie_cluster.inputs.processor import InputProcessor
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
-from ernie_cluster.tokenizer import Tokenizer
+from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
@@ -16,15 +20,12 @@ DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 @dataclass
 class ServingSettings:
     served_model_names: list[str]
-    max_model_len: int
+    facts: ModelFacts
     tokenizer: Tokenizer | None
-    vocab_size: int
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    default_sampling: dict[str, float] = field(default_factory=dict)
-    """temperature / top_p from generation_config.json, used when a request omits them."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -40,14 +41,42 @@ class ServingSettings:
                 f"choose one of {sorted(TOOL_PARSERS)}"
             )
 
+    @classmethod
+    def from_checkpoint(
+        cls,
+        model_dir: str | Path,
+        served_model_names: list[str],
+        max_model_len: int | None = None,
+        *,
+        model_config: ErnieMoeConfig | None = None,
+        tokenizer: Tokenizer | None = None,
+        **options,
+    ) -> ServingSettings:
+        """Settings for the checkpoint in `model_dir` (config and tokenizer are read unless
+        given); `options` are the remaining fields (parsers, api_key, body limit)."""
+        model_dir = Path(model_dir)
+        model_config = model_config or ErnieMoeConfig.from_pretrained(model_dir)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
+        facts = ModelFacts.load(model_dir, model_config, tokenizer, max_model_len)
+        return cls(served_model_names, facts, tokenizer, **options)
+
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
 
+    @property
+    def max_model_len(self) -> int:
+        return self.facts.max_model_len
 
-def generation_defaults(model_dir: Path) -> dict[str, float]:
-    path = model_dir / "generation_config.json"
-    if not path.is_file():
-        return {}
-    raw = json.loads(path.read_text())
-    return {k: float(raw[k]) for k in ("temperature", "top_p", "top_k") if k in raw}
+    @property
+    def vocab_size(self) -> int:
+        return self.facts.vocab_size
+
+    @property
+    def default_sampling(self) -> dict[str, float]:
+        """temperature / top_p / top_k from generation_config.json, for omitted fields."""
+        return self.facts.default_sampling
+
+    @cached_property
+    def processor(self) -> InputProcessor:
+        return InputProcessor(self.facts, self.tokenizer)

@@ -120,6 +120,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def to_json_str(self) -> str:
+        """The backend tokenizer as tokenizer.json text (for libraries that inspect it)."""
+        return self._backend.to_str()
+
     # ---- special tokens ----
 
     @property
@@ -143,6 +147,13 @@ class Tokenizer:
     def all_special_ids(self) -> frozenset[int]:
         """Ids that decode(skip_special_tokens=True) may drop, and the role tokens."""
         return self._all_special_ids
+
+    @cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest token string: a text of N characters has at least
+        N / max_token_chars tokens, which bounds a prompt's size before tokenizing it."""
+        vocab = self._backend.get_vocab(with_added_tokens=True)
+        return max((len(piece) for piece in vocab), default=1)
 
     @cached_property
     def byte_token_ids(self) -> frozenset[int]:

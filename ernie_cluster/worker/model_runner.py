@@ -3,7 +3,7 @@
 Keeps the per-request state a worker needs between steps (token ids, computed count,
 sampling state, and a row of the persistent device batch holding its block table) so the
 driver only sends diffs. A step is one packed host->device copy of its inputs
-(worker/input_batch), the forward, sampling on rank 0, and one device->host copy of the
+(worker/input_batch), the forward, sampling on rank 0 (under the step's grammar bitmask, if any), and one device->host copy of the
 sampled tokens (plus logprobs when asked); nothing else reads the device back. Decode-only
 steps replay CUDA graphs when they were captured (worker/cuda_graphs). Never decides who runs.
 """
@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sample import Sampler, SamplingState
+from ernie_cluster.sample.grammar_mask import apply_grammar_bitmask
+from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
 
 logger = logging.getLogger(__name__)
@@ -162,13 +163,20 @@ class ModelRunner:
         if not sample_ids:
             return ModelRunnerOutput()
         logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
-        return self._sample(logits, sample_ids)
+        return self._sample(logits, sample_ids, out.grammar)
 
-    def _sample(self, logits: torch.Tensor | None, sample_ids: list[str]) -> ModelRunnerOutput:
+    def _sample(
+        self,
+        logits: torch.Tensor | None,
+        sample_ids: list[str],
+        grammar: GrammarBitmask | None = None,
+    ) -> ModelRunnerOutput:
         result = ModelRunnerOutput()
         comm = self.model.comm
         sampled = None
         if comm.is_first:
+            if grammar is not None:
+                apply_grammar_bitmask(logits, grammar, sample_ids)
             sampled = self.sampler(logits, [self.requests[r].sampling for r in sample_ids])
             tokens = sampled.token_ids
         else:

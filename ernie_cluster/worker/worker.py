@@ -15,9 +15,9 @@ from ernie_cluster.attention.selector import get_attention_backend
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
-from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.sharding import ShardSpec
+from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.kv_cache_sizing import determine_num_kv_blocks
 from ernie_cluster.worker.model_runner import ModelRunner
 

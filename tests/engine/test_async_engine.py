@@ -88,7 +88,7 @@ def test_cancelled_consumer_aborts_and_frees_blocks(engine):
 
 def test_bad_request_raises_before_streaming(engine):
     async def main():
-        with pytest.raises(ValueError, match="exceeds max_model_len"):
+        with pytest.raises(ValueError, match="maximum context length is 4096"):
             async for _ in engine.generate([1] * 10, SamplingParams(max_tokens=10**6), "big"):
                 pass
 

@@ -28,13 +28,14 @@ from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.distributed.process_group import free_port
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
 from ernie_cluster.engine.llm_engine import LLMEngine
-from ernie_cluster.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from ernie_cluster.inputs.engine_request import EngineRequest
+from ernie_cluster.inputs.model_facts import ModelFacts
 from ernie_cluster.outputs import CompletionOutput, RequestOutput
-from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.engine_client import LocalEngineClient
 from ernie_cluster.serving.http_app import build_http_app
 from ernie_cluster.serving.settings import ServingSettings
+from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
 
 HOST = "127.0.0.1"
@@ -305,10 +306,14 @@ def scripted_engine(
 def settings_for(
     tokenizer: Tokenizer, max_model_len: int = 4096, vocab_size: int = 512, **kwargs: Any
 ) -> ServingSettings:
-    kwargs.setdefault("served_model_names", ["tiny"])
-    return ServingSettings(
-        max_model_len=max_model_len, tokenizer=tokenizer, vocab_size=vocab_size, **kwargs
+    names = kwargs.pop("served_model_names", ["tiny"])
+    facts = ModelFacts(
+        vocab_size=vocab_size,
+        max_model_len=max_model_len,
+        eos_token_ids=frozenset(tokenizer.stop_token_ids_default()),
+        reasoning_end_token_id=tokenizer.token_to_id("</think>"),
     )
+    return ServingSettings(names, facts, tokenizer, **kwargs)
 
 
 @contextlib.contextmanager
@@ -348,20 +353,17 @@ class ScriptedClient:
         self.num_requests = 0
 
     async def generate(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-        priority: int = 0,
-        session_key: str | None = None,
+        self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         self.num_requests += 1
+        prompt_token_ids, params = request.prompt_token_ids, request.params
+        request_id = request.request_id
         script = self.choose(list(prompt_token_ids))
         samples = [
             IncrementalDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens)
             for _ in range(params.n)
         ]
-        max_tokens = params.max_tokens or len(script) + 1
+        max_tokens = request.max_tokens
         for position in range(len(script) + 1):
             await asyncio.sleep(0)
             is_eos = position == len(script)

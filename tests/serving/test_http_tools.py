@@ -24,9 +24,9 @@ SCRIPTS = {
         "I will call it.\n</think>\n\n\n<tool_call>\n"
         '{"name": "get_weather", "arguments": {"city": \n</tool_call>\n'
     ),
-    # Continuations of the prefilled call that tool_choice "required" / a named tool force.
-    "SCRIPT:required": 'get_weather", "arguments": {"city": "北京"}}\n</tool_call>\n',
-    "SCRIPT:named": ' {"city": "北京"}}\n</tool_call>\n',
+    # What tool_choice "required" / a named tool constrain the answer after </think> to.
+    "SCRIPT:required": f"Must call.\n</think>\n\n\n{WEATHER_CALL}\n",
+    "SCRIPT:named": f"Named.\n</think>\n\n\n{WEATHER_CALL}\n",
 }
 TOOLS = [
     {

@@ -10,13 +10,13 @@ import torch
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.diagnostics import SyncRecorder
-from ernie_cluster.engine.scheduler_output import (
+from ernie_cluster.loader.model_loader import load_model
+from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.step_io import (
     CachedRequestData,
     NewRequestData,
     SchedulerOutput,
 )
-from ernie_cluster.loader.model_loader import load_model
-from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.worker.model_runner import ModelRunner
 
 BLOCK_SIZE = 4

@@ -20,13 +20,13 @@ import ray
 from ray import serve
 
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
+from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import RequestOutput
-from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.serving import errors
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.engine_client import LocalEngineClient, engine_stats_dict
 from ernie_cluster.serving.http_app import build_http_app
-from ernie_cluster.serving.settings import ServingSettings, generation_defaults
+from ernie_cluster.serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 
@@ -131,17 +131,10 @@ class LLMServer:
         return engine_stats_dict(self.engine, self.replica)
 
     async def generate(
-        self,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        request_id: str,
-        priority: int = 0,
-        session_key: str | None = None,
+        self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput | RemoteError]:
         try:
-            async for output in self.client.generate(
-                prompt_token_ids, params, request_id, priority
-            ):
+            async for output in self.client.generate(request):
                 output.served_by = self.replica
                 yield output
         except (errors.OpenAIError, ValueError) as exc:
@@ -167,11 +160,9 @@ class ServeEngineClient:
         self.board_name = board_name
 
     async def generate(
-        self, prompt_token_ids, params, request_id, priority=0, session_key=None
+        self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.options(stream=True).generate.remote(
-            prompt_token_ids, params, request_id, priority=priority, session_key=session_key
-        )
+        stream = self.handle.options(stream=True).generate.remote(request, session_key=session_key)
         try:
             async for item in stream:
                 if isinstance(item, RemoteError):
@@ -213,8 +204,8 @@ class ReplicaEngineClient(LocalEngineClient):
         super().__init__(server.engine, server.client.max_waiting_requests)
         self.server = server
 
-    async def generate(self, prompt_token_ids, params, request_id, priority=0, session_key=None):
-        async for output in super().generate(prompt_token_ids, params, request_id, priority):
+    async def generate(self, request: EngineRequest, session_key: str | None = None):
+        async for output in super().generate(request):
             output.served_by = self.server.replica
             yield output
 
@@ -258,20 +249,15 @@ class OpenAIServer(LLMServer):
 
 def ingress_settings(config, model: str) -> ServingSettings:
     """What the ingress needs of the checkpoint: tokenizer, template, limits (no weights)."""
-    from ernie_cluster.config.model_config import ErnieMoeConfig
     from ernie_cluster.loader.checkpoint_files import resolve_model_path
-    from ernie_cluster.tokenizer import load_tokenizer
 
     model_dir = resolve_model_path(model, config.revision, include_weights=False)
-    model_config = ErnieMoeConfig.from_pretrained(model_dir)
-    return ServingSettings(
-        served_model_names=config.served_model_name or [config.model or "ernie-demo"],
-        max_model_len=config.max_model_len or model_config.max_position_embeddings,
-        tokenizer=load_tokenizer(model_dir),
-        vocab_size=model_config.vocab_size,
+    return ServingSettings.from_checkpoint(
+        model_dir,
+        config.served_model_name or [config.model or "ernie-demo"],
+        config.max_model_len,
         reasoning_parser=config.reasoning_parser,
         tool_call_parser=config.tool_call_parser,
         api_key=config.api_key,
         max_request_body_bytes=config.max_request_body_bytes,
-        default_sampling=generation_defaults(model_dir),
     )

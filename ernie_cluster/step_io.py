@@ -2,12 +2,16 @@
 
 New requests travel in full once; running requests travel as diffs (new block ids, computed
 count). Workers keep their own per-request state (token ids, sampling state) between steps.
-Plain dataclasses of Python scalars and lists, cheap to pickle.
+Plain dataclasses of Python scalars and lists, cheap to pickle, plus the grammar bitmask (a
+small host tensor that only rank 0, the sampler, receives). A neutral module: the engine
+builds these, executors carry them and workers read them, without importing one another.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 from ernie_cluster.sampling_params import SamplingParams
 
@@ -35,6 +39,16 @@ class CachedRequestData:
 
 
 @dataclass
+class GrammarBitmask:
+    """Allowed next tokens of the constrained sequences that sample this step."""
+
+    request_ids: list[str]
+    """The sequence of each row of `bitmask`."""
+    bitmask: torch.Tensor
+    """[G, ceil(vocab / 32)] int32 on the host; bit t of a row set = token t allowed."""
+
+
+@dataclass
 class SchedulerOutput:
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
@@ -42,6 +56,8 @@ class SchedulerOutput:
     """Tokens each request computes this step, in batch order."""
     finished_req_ids: list[str] = field(default_factory=list)
     """Requests that ended since the last step: workers drop their state."""
+    grammar: GrammarBitmask | None = None
+    """Token masks of constrained sequences; sent to rank 0 only."""
 
     @property
     def total_num_scheduled_tokens(self) -> int:

@@ -1,0 +1,1 @@
+"""Request inputs: the one processor that turns prompts and parameters into engine requests."""

@@ -1,0 +1,29 @@
+"""Applies the step's grammar bitmask to the logits of the constrained rows (rank 0 only).
+
+The driver fills one bitmask row per constrained sequence; here each row is placed at its
+sequence's logits row and every disallowed token becomes -inf before sampling, so penalties,
+temperature and logprobs all see the constrained distribution.
+"""
+
+from __future__ import annotations
+
+import torch
+import xgrammar
+
+from ernie_cluster.step_io import GrammarBitmask
+
+
+def apply_grammar_bitmask(
+    logits: torch.Tensor, grammar: GrammarBitmask, sample_ids: list[str]
+) -> None:
+    """Mask `logits` [S, V] in place; `sample_ids` names the sequence of each logits row."""
+    position = {req_id: row for row, req_id in enumerate(sample_ids)}
+    rows = [position[req_id] for req_id in grammar.request_ids]
+    num_rows, num_words = logits.shape[0], grammar.bitmask.shape[1]
+    # NOTE: xgrammar indexes the bitmask and the logits with the same row ids, so the G rows
+    # are spread into an all-allowed [S, W] mask first (one small host tensor).
+    full = torch.full((num_rows, num_words), -1, dtype=torch.int32)  # [S, W]
+    full[rows] = grammar.bitmask
+    if logits.device.type != "cpu":
+        full = full.pin_memory().to(logits.device, non_blocking=True)
+    xgrammar.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1], indices=rows)
