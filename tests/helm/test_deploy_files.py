@@ -82,3 +82,15 @@ def test_chart_matches_image_and_package_versions():
     assert chart().metadata["appVersion"] == metadata("ernie-cluster")["Version"]
     match = RAY_GPU_IMAGE.match(base_image())
     assert match and chart().values["rayVersion"] == match["ray"]
+
+
+def test_serve_config_and_cluster_launcher_keep_to_loopback():
+    """`serve run deploy/serve_config.yaml` serves on 127.0.0.1 unless edited, and the VM
+    cluster leaves the dashboard on the head's loopback (Ray's default)."""
+    serve_config = yaml.safe_load((DEPLOY / "serve_config.yaml").read_text())
+    assert serve_config["http_options"]["host"] == "127.0.0.1"
+    (app,) = serve_config["applications"]
+    assert "api_key" not in app["args"]
+    cluster = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
+    head_start = " ".join(cluster["head_start_ray_commands"])
+    assert "dashboard-host" not in head_start

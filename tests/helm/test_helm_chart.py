@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 
+import helm_python as helm
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -31,6 +32,12 @@ ALL_OPTIONAL = {
     "rayAutoscaler": {"enabled": False},
     "ingress": {"enabled": True, "tls": [{"hosts": ["ernie.example.com"], "secretName": "tls"}]},
     "serviceMonitor": {"enabled": True},
+    "auth": {"existingSecret": "ernie-api-key"},
+    "networkPolicy": {
+        "enabled": True,
+        "apiFrom": [{"namespaceSelector": {"matchLabels": {"name": "ingress-nginx"}}}],
+        "extraIngress": [{"ports": [{"port": 8080}]}],
+    },
 }
 VALUE_SETS = {
     "defaults": {},
@@ -72,6 +79,7 @@ def test_renders_kinds(values):
     expected += ["Ingress"] if merged["ingress"]["enabled"] else []
     expected += ["ServiceMonitor"] if merged["serviceMonitor"]["enabled"] else []
     expected += ["Secret"] if merged["huggingface"]["token"] else []
+    expected += ["NetworkPolicy"] if merged["networkPolicy"]["enabled"] else []
     assert kinds == sorted(expected)
 
 
@@ -237,6 +245,15 @@ def test_objects_reference_each_other(values):
         assert mounts == {"model-cache": merged["modelCache"]["mountPath"], "dshm": "/dev/shm"}
         env = {e["name"]: e for e in container["env"]}
         assert env["HF_HOME"]["value"].startswith(merged["modelCache"]["mountPath"] + "/")
+        api_key = env.get("ERNIE_CLUSTER_API_KEY")
+        if merged["auth"]["existingSecret"]:
+            ref = api_key["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (
+                merged["auth"]["existingSecret"],
+                merged["auth"]["secretKey"],
+            )
+        else:
+            assert api_key is None
         if "HF_TOKEN" in env:
             ref = env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]
             if not merged["huggingface"]["existingSecret"]:
@@ -264,3 +281,94 @@ def test_ray_start_params_keep_the_gpu_counts():
     assert head == {"dashboard-host": "0.0.0.0", "metrics-export-port": "8080", "num-gpus": "0"}
     worker = cluster["workerGroupSpecs"][0]["rayStartParams"]
     assert worker == {"num-gpus": "4", "object-store-memory": "1000000000"}
+
+
+# ------------------------------------------------------------------------------ security
+def _pods(objects: list[dict]) -> list[dict]:
+    cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [
+        group["template"] for group in cluster["workerGroupSpecs"]
+    ]
+
+
+def test_pods_run_restricted(values):
+    """Non-root, no privilege escalation, no capabilities, the runtime's seccomp profile: the
+    Kubernetes "restricted" Pod Security Standard, on every Ray pod and container."""
+    objects = render(values)
+    for template in _pods(objects):
+        pod = template["spec"]["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] != 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        for container in template["spec"]["containers"]:
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False
+            assert context["capabilities"]["drop"] == ["ALL"]
+    cluster = only(objects, "RayService")["spec"]["rayClusterConfig"]
+    if cluster["enableInTreeAutoscaling"]:  # KubeRay's autoscaler sidecar in the head pod
+        assert cluster["autoscalerOptions"]["securityContext"]["capabilities"]["drop"] == ["ALL"]
+
+
+def test_api_key_comes_from_the_secret_never_the_serve_config(monkeypatch):
+    from ernie_cluster.serving.ray_serve.config import API_KEY_ENV, ServeAppConfig
+
+    values = {"auth": {"existingSecret": "ernie-api-key", "secretKey": "token"}}
+    objects = render(values)
+    rayservice = only(objects, "RayService")
+    assert "api_key" not in rayservice["spec"]["serveConfigV2"]
+    for template in _pods(objects):
+        (container,) = template["spec"]["containers"]
+        (env,) = [e for e in container["env"] if e["name"] == API_KEY_ENV]
+        assert env["valueFrom"]["secretKeyRef"] == {"name": "ernie-api-key", "key": "token"}
+    # What build_app does with the rendered args in a pod that has the Secret's value.
+    (app,) = serve_config(rayservice)["applications"]
+    monkeypatch.setenv(API_KEY_ENV, "sk-from-secret")
+    config = ServeAppConfig.model_validate(app["args"]).with_api_key_resolved()
+    assert config.api_key == "sk-from-secret"
+
+
+def test_api_key_in_extra_args_is_refused():
+    with pytest.raises(helm.HelmRenderError, match=r"auth\.existingSecret"):
+        render({"serve": {"extraArgs": {"api_key": "sk-oops"}}})
+
+
+def test_dashboard_host_is_an_explicit_value():
+    """KubeRay's operator needs the dashboard on the pod network and its probes need it on
+    loopback, so 0.0.0.0 stays the default, but only as a value one can change."""
+    head = only(render(), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    values = {"head": {"dashboardHost": "127.0.0.1"}}
+    head = only(render(values), "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+
+
+def test_network_policy_admits_the_release_the_api_and_the_operator():
+    objects = render({"networkPolicy": {"enabled": True}})
+    policy = only(objects, "NetworkPolicy")
+    validate_object(policy)
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    for template in _pods(objects):
+        assert _subset(selector, template["metadata"]["labels"])
+    own, api, dashboard = policy["spec"]["ingress"]
+    assert own["from"] == [{"podSelector": {"matchLabels": selector}}] and "ports" not in own
+    assert api["ports"] == [{"port": 8000, "protocol": "TCP"}] and "from" not in api
+    assert dashboard["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    (operator,) = dashboard["from"]
+    assert operator["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "kuberay-operator"}
+
+    peers = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress"}}}]
+    values = {"networkPolicy": {"enabled": True, "apiFrom": peers, "dashboardFrom": []}}
+    own, api = only(render(values), "NetworkPolicy")["spec"]["ingress"]
+    assert api["from"] == peers
+
+
+def test_notes_warn_about_a_published_api_without_a_key():
+    def notes(values: dict) -> str:
+        return render_manifests(values)["ernie-cluster/templates/NOTES.txt"]
+
+    assert "WARNING" not in notes({})
+    for published in ({"ingress": {"enabled": True}}, {"service": {"type": "LoadBalancer"}}):
+        text = notes(published)
+        assert "WARNING: the API is published" in text and "auth.existingSecret" in text
+        guarded = notes({**published, "auth": {"existingSecret": "ernie-api-key"}})
+        assert "WARNING" not in guarded
+        assert 'Authorization: Bearer $KEY"' in guarded and "get secret ernie-api-key" in guarded

@@ -39,6 +39,13 @@ BAD_VALUES = {
     "unknown-key": ({"serve": {"tensorParalelSize": 2}}, "tensorParalelSize"),
     "bad-memory": ({"worker": {"memory": "lots"}}, "memory"),
     "bad-cache-type": ({"modelCache": {"type": "s3"}}, "type"),
+    "api-key-as-a-value": ({"auth": {"apiKey": "sk-x"}}, "apiKey"),
+    "empty-secret-key": ({"auth": {"secretKey": ""}}, "secretKey"),
+    "network-policy-peer-not-a-list": (
+        {"networkPolicy": {"apiFrom": {"podSelector": {}}}},
+        "apiFrom",
+    ),
+    "security-context-not-an-object": ({"securityContext": "restricted"}, "securityContext"),
 }
 
 

@@ -113,6 +113,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $args "autoscaling" $autoscaling }}
 {{- $_ := set $args "ingress_replicas" (int $s.ingressReplicas) }}
 {{- $_ := set $args "placement_strategy" $s.placementStrategy }}
+{{- if hasKey ($s.extraArgs | default dict) "api_key" }}
+{{- fail "serve.extraArgs.api_key would be readable by anyone who can read the RayService: put the key in a Secret and set auth.existingSecret" }}
+{{- end }}
 {{- toYaml (mergeOverwrite $args (deepCopy ($s.extraArgs | default dict))) }}
 {{- end }}
 
@@ -131,10 +134,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- .Values.modelCache.pvc.existingClaim | default (printf "%s-model-cache" (include "ernie-cluster.fullname" .)) }}
 {{- end }}
 
-{{/* Environment shared by head and workers: model cache, HF token, user extras. */}}
+{{/* Environment shared by head and workers: model cache, HF token, API key, user extras. */}}
 {{- define "ernie-cluster.env" -}}
 - name: HF_HOME
   value: {{ printf "%s/huggingface" .Values.modelCache.mountPath | quote }}
+{{- if .Values.auth.existingSecret }}
+{{- /* NOTE: read by build_app (Serve controller) wherever Ray runs it: head or worker. */}}
+- name: ERNIE_CLUSTER_API_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.auth.existingSecret }}
+      key: {{ .Values.auth.secretKey }}
+{{- end }}
 {{- if or .Values.huggingface.existingSecret .Values.huggingface.token }}
 - name: HF_TOKEN
   valueFrom:
