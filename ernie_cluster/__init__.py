@@ -11,6 +11,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from ernie_cluster.entrypoints.llm import LLM
 from ernie_cluster.outputs import CompletionOutput, RequestOutput
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.structured_output.params import StructuredOutputsParams
 
-__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "CompletionOutput", "RequestOutput", "SamplingParams", "StructuredOutputsParams"]
 __version__ = "0.1.0"

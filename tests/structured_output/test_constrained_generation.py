@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 
 import jsonschema
 import pytest
@@ -134,3 +135,36 @@ def test_every_schema_validates_at_tp2_ep2(tiny_checkpoint, ray_cluster):
         expert_parallel_size=2,
     ) as llm:
         assert_all_valid(llm.generate([PROMPT] * len(SCHEMAS), schema_params(seed_base=300)))
+
+
+def test_a_slow_compile_never_stalls_other_requests(llm, monkeypatch):
+    from ernie_cluster.structured_output.compiler import GrammarCompiler
+
+    release = threading.Event()
+    compile_now = GrammarCompiler._compile
+
+    def slow_compile(self, structural_tag):
+        release.wait(timeout=30)
+        return compile_now(self, structural_tag)
+
+    monkeypatch.setattr(GrammarCompiler, "_compile", slow_compile)
+    engine = llm.engine
+    spec = StructuredOutputsParams(json={"type": "array", "items": {"type": "boolean"}})
+    engine.add_request("slow", PROMPT, SamplingParams(max_tokens=64, structured_outputs=spec))
+    engine.add_request("free", PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))
+    finished: dict[str, object] = {}
+    for _ in range(50):
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+        if "free" in finished:
+            break
+    # The free request ran to its end while the other one's grammar was still compiling.
+    assert "free" in finished and "slow" not in finished
+    assert engine.scheduler.requests["slow"].num_computed_tokens == 0
+    release.set()
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                finished[output.request_id] = output
+    assert json.loads(finished["slow"].outputs[0].text) is not None
