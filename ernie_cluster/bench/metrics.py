@@ -67,7 +67,27 @@ def meets(result: RequestResult, slos: Sequence[Slo]) -> bool:
     return True
 
 
-def timeline(results: Sequence[RequestResult], bucket_s: float = 1.0) -> list[dict[str, Any]]:
+LATENCY_KEYS = ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+
+
+def latency_series(results: Sequence[RequestResult]) -> dict[str, list[float]]:
+    """The samples (seconds) behind each latency figure of the report, keyed like the
+    summary: TTFT, TPOT and end-to-end latency per finished request, ITL per token gap."""
+    ok = [r for r in results if r.ok]
+    return {
+        "ttft_ms": [r.ttft for r in ok if r.ttft is not None],
+        "tpot_ms": [t for r in ok if (t := r.tpot) is not None],
+        "itl_ms": [gap for r in ok for gap in r.itls],
+        "e2el_ms": [e for r in ok if (e := r.e2el) is not None],
+    }
+
+
+TIMELINE_BUCKET_S = 1.0
+
+
+def timeline(
+    results: Sequence[RequestResult], bucket_s: float = TIMELINE_BUCKET_S
+) -> list[dict[str, Any]]:
     """Per time bucket: requests started and finished, output tokens finished, in flight."""
     ends = [r.end for r in results if r.end is not None]
     if not ends:
@@ -121,10 +141,7 @@ def summarize(
         "request_throughput": len(ok) / duration,
         "output_throughput": output_tokens / duration,
         "total_token_throughput": (input_tokens + output_tokens) / duration,
-        "ttft_ms": latency_stats([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_ms": latency_stats([t for r in ok if (t := r.tpot) is not None]),
-        "itl_ms": latency_stats([gap for r in ok for gap in r.itls]),
-        "e2el_ms": latency_stats([e for r in ok if (e := r.e2el) is not None]),
+        **{key: latency_stats(values) for key, values in latency_series(results).items()},
         "requests_by_replica": dict(sorted(Counter(r.replica or "?" for r in ok).items())),
         "goodput": None,
     }

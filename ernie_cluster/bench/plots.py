@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ernie_cluster.bench.client import RequestResult
+from ernie_cluster.bench.metrics import TIMELINE_BUCKET_S, latency_series
 
 
 def check_plotting() -> None:
@@ -37,47 +38,55 @@ def save_figure(fig, path: Path) -> Path:
     return path
 
 
-def plot_latencies(results: Sequence[RequestResult], path: Path, title: str) -> Path:
-    """Histograms of TTFT, TPOT, ITL and end-to-end latency (ms) with p50/p99 marks."""
+LATENCY_TITLES = {
+    "ttft_ms": "time to first token (ms)",
+    "tpot_ms": "time per output token (ms)",
+    "itl_ms": "inter-token latency (ms)",
+    "e2el_ms": "end-to-end latency (ms)",
+}
+
+
+def plot_latencies(
+    results: Sequence[RequestResult], summary: dict[str, Any], path: Path, title: str
+) -> Path:
+    """Histograms of TTFT, TPOT, ITL and end-to-end latency (ms), marked with the summary's
+    own p50 and p99 (so the figure and the report show the same numbers)."""
     plt = pyplot()
-    ok = [r for r in results if r.ok]
-    series = {
-        "time to first token (ms)": [r.ttft * 1e3 for r in ok if r.ttft is not None],
-        "time per output token (ms)": [t * 1e3 for r in ok if (t := r.tpot) is not None],
-        "inter-token latency (ms)": [g * 1e3 for r in ok for g in r.itls],
-        "end-to-end latency (ms)": [e * 1e3 for r in ok if (e := r.e2el) is not None],
-    }
     fig, axes = plt.subplots(2, 2, figsize=(11, 7))
-    for ax, (name, values) in zip(axes.flat, series.items(), strict=True):
+    series = latency_series(results)
+    for ax, (key, name) in zip(axes.flat, LATENCY_TITLES.items(), strict=True):
+        values = [v * 1e3 for v in series[key]]
         ax.set_title(name)
         ax.set_ylabel("count")
         if not values:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
             continue
         ax.hist(values, bins=min(50, max(5, len(values) // 4)), color="#4C72B0")
-        ordered = sorted(values)
-        for q, style in ((0.5, "--"), (0.99, ":")):
-            mark = ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-            ax.axvline(mark, color="black", linestyle=style, label=f"p{round(q * 100)} {mark:.1f}")
+        for percentile, style in (("p50", "--"), ("p99", ":")):
+            mark = summary[key][percentile]
+            ax.axvline(mark, color="black", linestyle=style, label=f"{percentile} {mark:.1f}")
         ax.legend(fontsize=8)
     fig.suptitle(title)
     return save_figure(fig, path)
 
 
-def plot_throughput(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
-    """Output tokens/s, finished and failed requests and requests in flight per second."""
+def plot_throughput(
+    rows: Sequence[dict[str, Any]], path: Path, title: str, bucket_s: float = TIMELINE_BUCKET_S
+) -> Path:
+    """Output tokens/s, finished and failed requests and requests in flight per time bucket."""
     plt = pyplot()
     t = [row["t"] for row in rows]
+    bucket = f"{bucket_s:g} s"
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     top.plot(t, [row["output_tokens_per_s"] for row in rows], color="#4C72B0")
-    top.set_ylabel("output tokens/s")
-    top.set_title(title)
+    top.set_ylabel(f"output tokens/s\n(per {bucket} bucket)")
     bottom.step(t, [row["finished"] for row in rows], where="post", label="finished")
     bottom.step(t, [row["failed"] for row in rows], where="post", label="failed", color="red")
-    bottom.plot(t, [row["in_flight"] for row in rows], label="in flight", color="gray")
+    bottom.plot(t, [row["in_flight"] for row in rows], label="in flight (mid-bucket)", color="gray")
     bottom.set_xlabel("seconds since start")
-    bottom.set_ylabel("requests per bucket")
+    bottom.set_ylabel(f"requests per {bucket} bucket")
     bottom.legend(fontsize=8)
+    fig.suptitle(title)
     return save_figure(fig, path)
 
 

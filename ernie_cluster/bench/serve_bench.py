@@ -18,7 +18,7 @@ from typing import Any
 
 from ernie_cluster.bench.client import RequestSettings, served_model
 from ernie_cluster.bench.datasets import JsonlDataset, MultiTurnDataset, RandomDataset, TextSampler
-from ernie_cluster.bench.metrics import parse_slos, summarize, timeline
+from ernie_cluster.bench.metrics import TIMELINE_BUCKET_S, parse_slos, summarize, timeline
 from ernie_cluster.bench.runner import LoadRun, LoadSpec, run_load
 
 logger = logging.getLogger(__name__)
@@ -146,13 +146,14 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
     )
     sessions = build_dataset(config).sessions()
     run: LoadRun = asyncio.run(run_load(sessions, settings, spec, progress=config.progress))
-    rows = timeline(run.results)
+    rows = timeline(run.results, TIMELINE_BUCKET_S)
     settings_json = {k: v for k, v in asdict(config).items() if k != "api_key"}
     settings_json["model"] = model
+    summary = summarize(run.results, run.duration_s, slos)
     report = {
         "settings": _finite(settings_json),
         "started_at": run.started_at,
-        "summary": summarize(run.results, run.duration_s, slos),
+        "summary": summary,
         "timeline": rows,
     }
     if config.save_requests:
@@ -163,16 +164,54 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
     if config.plots:
         from ernie_cluster.bench.plots import plot_latencies, plot_throughput
 
-        title = f"{model} @ {config.base_url}: {config.dataset}"
+        title = run_title(config, model)
         files["latency_png"] = plot_latencies(
-            run.results, out / f"{config.label}_latency.png", title
+            run.results, summary, out / f"{config.label}_latency.png", title
         )
         files["throughput_png"] = plot_throughput(
-            rows, out / f"{config.label}_throughput.png", title
+            rows, out / f"{config.label}_throughput.png", title, TIMELINE_BUCKET_S
         )
     report["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(report, indent=2))
     return report
+
+
+def run_title(config: ServeBenchConfig, model: str) -> str:
+    """The figures' title: what was loaded, then the load and the dataset."""
+    load = []
+    if math.isinf(config.request_rate):
+        load.append(
+            f"closed loop of {config.max_concurrency} users"
+            if config.max_concurrency
+            else "every request at once"
+        )
+    else:
+        arrivals = (
+            "Poisson" if config.burstiness == 1 else f"gamma, burstiness {config.burstiness:g}"
+        )
+        load.append(f"{config.request_rate:g} req/s ({arrivals})")
+        if config.max_concurrency:
+            load.append(f"at most {config.max_concurrency} in flight")
+    if config.num_requests is not None:
+        load.append(f"{config.num_requests} requests")
+    if config.duration_s is not None:
+        load.append(f"{config.duration_s:g} s")
+    if config.dataset == "random":
+        spread = f" ±{config.range_ratio:.0%}" if config.range_ratio else ""
+        data = f"random prompts of {config.input_len}{spread} tokens"
+    elif config.dataset == "multi-turn":
+        data = (
+            f"multi-turn: {config.turns} turns, {config.system_prompt_len}-token system "
+            f"prompt, {config.input_len}-token user turns"
+        )
+    else:
+        data = f"JSONL {Path(config.jsonl_path or '').name}"
+    output = f"{'exactly' if config.ignore_eos else 'up to'} {config.output_len} output tokens"
+    return (
+        f"{model} @ {config.base_url} ({config.endpoint})\n"
+        f"{', '.join(load)}; {data}, {output}, temperature {config.temperature:g}, "
+        f"seed {config.seed}"
+    )
 
 
 def _finite(values: dict[str, Any]) -> dict[str, Any]:
@@ -180,11 +219,28 @@ def _finite(values: dict[str, Any]) -> dict[str, Any]:
     return {k: None if isinstance(v, float) and math.isinf(v) else v for k, v in values.items()}
 
 
+def describe_goodput(goodput: dict[str, Any], num_sent: int) -> str:
+    """'goodput 3.43 req/s: 48 of 56 requests (85.7%) met TTFT <= 500 ms and TPOT <= 50 ms'"""
+    slos = " and ".join(
+        f"{metric.upper()} <= {limit:g} ms" for metric, limit in goodput["slo_ms"].items()
+    )
+    return (
+        f"goodput {goodput['request_throughput']:.2f} req/s: {goodput['good_requests']} of "
+        f"{num_sent} requests ({goodput['fraction']:.1%}) met {slos}"
+    )
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name}: {count}" for name, count in counts.items())
+
+
 def format_summary(report: dict[str, Any]) -> str:
     s = report["summary"]
+    failed = f"failed {s['failed']}"
+    if s["errors_by_status"]:
+        failed += f" (by status {_counts(s['errors_by_status'])})"
     lines = [
-        f"requests sent {s['num_requests_sent']}, completed {s['completed']}, "
-        f"failed {s['failed']} {s['errors_by_status'] or ''}",
+        f"requests sent {s['num_requests_sent']}, completed {s['completed']}, {failed}",
         f"duration {s['duration_s']:.2f} s",
         f"request throughput {s['request_throughput']:.2f} req/s, output "
         f"{s['output_throughput']:.1f} tok/s, total {s['total_token_throughput']:.1f} tok/s",
@@ -206,12 +262,10 @@ def format_summary(report: dict[str, Any]) -> str:
             f"p90 {st['p90']:9.2f}  p99 {st['p99']:9.2f}"
         )
     if s["goodput"]:
-        g = s["goodput"]
-        lines.append(
-            f"goodput {g['request_throughput']:.2f} req/s ({g['good_requests']} requests "
-            f"within {g['slo_ms']} ms)"
-        )
+        lines.append(describe_goodput(s["goodput"], s["num_requests_sent"]))
     if len(s["requests_by_replica"]) > 1:
-        lines.append(f"requests by replica {s['requests_by_replica']}")
+        lines.append(f"requests by replica: {_counts(s['requests_by_replica'])}")
+    for error_status, example in s["error_examples"].items():
+        lines.append(f"example {error_status} error: {' '.join(example.split())[:200]}")
     lines.extend(f"wrote {path}" for path in report["files"].values())
     return "\n".join(lines)

@@ -104,7 +104,11 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
         metavar="METRIC:MS",
         help="SLOs for goodput, e.g. ttft:500 tpot:50 e2el:5000",
     )
-    report.add_argument("--out", default="bench-results", help="output directory")
+    report.add_argument(
+        "--out",
+        default="bench-results",
+        help="output directory (default %(default)s, which the repository's .gitignore lists)",
+    )
     report.add_argument("--label", default="serve_bench", help="file name prefix")
     report.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     report.add_argument(
