@@ -131,6 +131,14 @@ class AsyncLLMEngine:
         """Requests not yet scheduled, including those waiting to be added."""
         return len(self.engine.scheduler.waiting) + self._num_adding
 
+    @property
+    def num_queued(self) -> int:
+        """Waiting requests beyond the free batch slots: those the next step cannot take
+        even with the token budget and KV blocks to spare (what admission limits)."""
+        scheduler = self.engine.scheduler
+        free_slots = max(0, scheduler.config.max_num_seqs - len(scheduler.running))
+        return max(0, self.num_waiting - free_slots)
+
     def request_abort(self, request_id: str) -> None:
         """Abort at the next step boundary (at once when idle); never waits.
 

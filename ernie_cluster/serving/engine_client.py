@@ -52,13 +52,15 @@ class LocalEngineClient:
         self.max_waiting_requests = max_waiting_requests
 
     def check_admission(self) -> None:
+        """Turn a request away when `max_waiting_requests` already queue beyond the free
+        batch slots (an idle engine takes a burst of max_num_seqs + max_waiting_requests)."""
         if self.max_waiting_requests is None:
             return
-        waiting = self.engine.num_waiting
-        if waiting >= self.max_waiting_requests:
+        queued = self.engine.num_queued
+        if queued >= self.max_waiting_requests:
             raise OverloadedError(
-                f"the server is at capacity: {waiting} requests waiting "
-                f"(--max-waiting-requests {self.max_waiting_requests}); retry shortly"
+                f"the server is at capacity: {queued} requests queued beyond the running "
+                f"batch (--max-waiting-requests {self.max_waiting_requests}); retry shortly"
             )
 
     async def generate(
