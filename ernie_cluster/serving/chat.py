@@ -62,6 +62,7 @@ class ChatPlan:
     top_logprobs: int
     num_choices: int
     include_reasoning: bool
+    skip_special_tokens: bool = True
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -135,9 +136,12 @@ class ChatHandler:
         parse_tools = choice != "none" and self.settings.tool_call_parser is not None
         if request.top_logprobs is not None and not request.logprobs:
             raise BadRequestError("top_logprobs needs logprobs=true", param="top_logprobs")
-        self.settings.processor.check_text_size(
-            sum(len(m.text() or "") for m in request.messages), "messages"
-        )
+        try:
+            self.settings.processor.check_text_size(
+                sum(len(m.text() or "") for m in request.messages), "messages"
+            )
+        except ValueError as exc:
+            raise bad_request(exc) from exc
         try:
             prompt = tokenizer.apply_chat_template(
                 template_messages(request),
@@ -181,6 +185,7 @@ class ChatHandler:
             top_logprobs,
             request.n,
             request.include_reasoning,
+            request.skip_special_tokens,
         )
 
     def _parser(self, plan: ChatPlan) -> ErnieX1Parser | None:
@@ -246,8 +251,10 @@ class ChatHandler:
             if parser is not None:
                 parsed = parser.parse(state.text)
                 message = AssistantMessage(
-                    content=parsed.content,
-                    reasoning_content=parsed.reasoning_content if plan.include_reasoning else None,
+                    content=self._visible(parsed.content, plan),
+                    reasoning_content=self._visible(parsed.reasoning_content, plan)
+                    if plan.include_reasoning
+                    else None,
                     tool_calls=[
                         ToolCallOut(
                             id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments)
@@ -367,6 +374,18 @@ class ChatHandler:
             await outputs.aclose()
             tracker.finish(error)
 
+    def _visible(self, text: str | None, plan: ChatPlan) -> str | None:
+        """`text` without the added tokens' text when the request skips special tokens.
+
+        NOTE: with a parser the engine decodes every token (the parser must see `</think>`,
+        `<response>`, `<tool_call>` whole); what the parser leaves in a text field is cleaned
+        here. A token's text always arrives within one delta, so deltas clean alike.
+        """
+        pattern = self.settings.tokenizer.added_token_pattern if plan.skip_special_tokens else None
+        if not text or pattern is None:
+            return text
+        return pattern.sub("", text)
+
     def _delta(self, state: StreamState, text: str, plan: ChatPlan) -> DeltaOut:
         if state.parser is None:
             return DeltaOut(content=text or None)
@@ -383,8 +402,8 @@ class ChatHandler:
             for c in parsed.tool_calls
         ]
         return DeltaOut(
-            content=parsed.content or None,
-            reasoning_content=(parsed.reasoning_content or None)
+            content=self._visible(parsed.content, plan) or None,
+            reasoning_content=(self._visible(parsed.reasoning_content, plan) or None)
             if plan.include_reasoning
             else None,
             tool_calls=calls or None,

@@ -17,7 +17,10 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["ChatTemplateError", "render_chat_template"]
+__all__ = ["MAX_NESTING", "ChatTemplateError", "render_chat_template"]
+
+MAX_NESTING = 64
+"""Deepest nesting of messages, tools and template arguments a render accepts."""
 
 
 class ChatTemplateError(ValueError):
@@ -41,14 +44,19 @@ def render_chat_template(
         raise ChatTemplateError(f"chat template must be a non-empty string, got {template!r}")
     compiled = _compile(template)
     plain_messages = [_plain_message(message, i) for i, message in enumerate(messages)]
-    plain_tools = None if tools is None else [_plain_data(tool) for tool in tools]
+    plain_tools = (
+        None
+        if tools is None
+        else [_plain_data(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    )
+    variables = {key: _plain_data(value, key) for key, value in kwargs.items()}
     try:
         return compiled.render(
             messages=plain_messages,
             tools=plain_tools,
             add_generation_prompt=add_generation_prompt,
             # transformers always defines `documents`; templates may test `is defined`.
-            **{"documents": None, **{key: _plain_data(value) for key, value in kwargs.items()}},
+            **{"documents": None, **variables},
         )
     except ChatTemplateError:
         raise
@@ -113,7 +121,7 @@ def _strftime_now(format: str) -> str:
 
 
 def _plain_message(message: Any, index: int) -> dict[str, Any]:
-    plain = _plain_data(message)
+    plain = _plain_data(message, f"messages[{index}]")
     if not isinstance(plain, dict):
         raise ChatTemplateError(
             f"message {index} must be a dict or a pydantic model, got {type(message).__name__}"
@@ -121,12 +129,19 @@ def _plain_message(message: Any, index: int) -> dict[str, Any]:
     return {key: value for key, value in plain.items() if value is not None}
 
 
-def _plain_data(value: Any) -> Any:
-    """JSON-like data for the template: pydantic models dumped, mappings as dicts, tuples as lists."""
+def _plain_data(value: Any, where: str = "value", depth: int = 0) -> Any:
+    """JSON-like data for the template: pydantic models dumped, mappings as dicts, tuples as lists.
+
+    Refuses data nested deeper than MAX_NESTING (a ChatTemplateError naming `where`): no real
+    message, tool or template argument nests that deep, and rendering it would recurse past
+    Python's limit.
+    """
+    if depth > MAX_NESTING:
+        raise ChatTemplateError(f"{where} is nested deeper than {MAX_NESTING} levels")
     if hasattr(value, "model_dump") and callable(value.model_dump):
         value = value.model_dump()
     if isinstance(value, Mapping):
-        return {key: _plain_data(item) for key, item in value.items()}
+        return {key: _plain_data(item, where, depth + 1) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain_data(item) for item in value]
+        return [_plain_data(item, where, depth + 1) for item in value]
     return value

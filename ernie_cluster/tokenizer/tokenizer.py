@@ -8,6 +8,7 @@ template from a checkpoint directory, and text <-> id conversion. It never downl
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -27,6 +28,8 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_TOKEN_ROLES = ("bos", "eos", "unk", "pad", "cls", "sep")
 # Ends of a turn for ERNIE chat models; generation stops on any of them.
 STOP_TOKENS = ("</s>", "<|im_end|>")
+# Texts longer than this are encoded without holding the GIL.
+_GIL_FREE_CHARS = 16_384
 
 
 class Tokenizer:
@@ -101,7 +104,13 @@ class Tokenizer:
             raise ValueError(f"text must be a str, got {type(text).__name__}")
         # NOTE: the backend's own post-processor is bypassed: whether bos/eos are added is the
         # config's add_bos_token/add_eos_token, as for ERNIE (both false).
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if len(text) > _GIL_FREE_CHARS:
+            # NOTE: the tokenizers library holds the GIL in encode() but releases it in
+            # encode_batch(), so a long text tokenized on a worker thread leaves the event
+            # loop (and everything else in the process) running.
+            ids = self._backend.encode_batch([text], add_special_tokens=False)[0].ids
+        else:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
         if add_special_tokens:
             if self._add_bos_token and self.bos_token_id is not None:
                 ids.insert(0, self.bos_token_id)
@@ -147,6 +156,18 @@ class Tokenizer:
     def all_special_ids(self) -> frozenset[int]:
         """Ids that decode(skip_special_tokens=True) may drop, and the role tokens."""
         return self._all_special_ids
+
+    @cached_property
+    def added_token_pattern(self) -> re.Pattern[str] | None:
+        """Matches the text of any added token (`<|im_start|>`, `<s>`, `<think>`, `</tool_call>`
+        ...): what `skip_special_tokens` removes from text that parsers had to see whole."""
+        texts = sorted(
+            {token.content for token in self._backend.get_added_tokens_decoder().values()},
+            key=len,
+            reverse=True,
+        )
+        texts = [t for t in texts if t]
+        return re.compile("|".join(re.escape(t) for t in texts)) if texts else None
 
     @cached_property
     def max_token_chars(self) -> int:

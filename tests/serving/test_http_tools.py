@@ -193,7 +193,15 @@ def test_include_reasoning_false_drops_the_reasoning(client):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_tool_choice_none_keeps_the_block_in_content(client, stream):
-    kwargs = dict(model=MODEL, messages=ask("SCRIPT:weather"), tools=TOOLS, tool_choice="none")
+    # NOTE: skip_special_tokens=False keeps the tags verbatim (by default they are dropped
+    # from text fields like every added token; tests/serving/test_special_tokens.py).
+    kwargs = dict(
+        model=MODEL,
+        messages=ask("SCRIPT:weather"),
+        tools=TOOLS,
+        tool_choice="none",
+        extra_body={"skip_special_tokens": False},
+    )
     if stream:
         result = collect_stream(client.chat.completions.create(**kwargs, stream=True))
         assert result["finishes"] == ["stop"] and result["calls"] == []
@@ -208,7 +216,13 @@ def test_tool_choice_none_keeps_the_block_in_content(client, stream):
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
 def test_malformed_tool_json_stays_content(served, stream):
-    body = {"model": MODEL, "messages": ask("SCRIPT:broken"), "tools": TOOLS, "stream": stream}
+    body = {
+        "model": MODEL,
+        "messages": ask("SCRIPT:broken"),
+        "tools": TOOLS,
+        "stream": stream,
+        "skip_special_tokens": False,
+    }
     with served.http() as http:
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
@@ -245,7 +259,13 @@ def test_malformed_tool_json_stays_content(served, stream):
 def test_message_shape_on_the_wire(served, script, tool_choice, finish, content):
     """`content` is always there (null beside a tool call); `tool_calls` only when there
     are calls, never as an empty list."""
-    body = {"model": MODEL, "messages": ask(script), "tools": TOOLS, "tool_choice": tool_choice}
+    body = {
+        "model": MODEL,
+        "messages": ask(script),
+        "tools": TOOLS,
+        "tool_choice": tool_choice,
+        "skip_special_tokens": False,
+    }
     with served.http() as http:
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
