@@ -129,6 +129,7 @@ def test_results_directory_is_gitignored():
     assert ignored.returncode == 0, f"{args.out}/ is not in .gitignore"
 
 
+@pytest.mark.slow  # a child process: about 8 s
 def test_bench_serve_prints_no_request_log_lines(tiny_checkpoint, tmp_path):
     """A real `ernie-cluster bench serve` process (progress bar on, default INFO logging)
     against a scripted server: no httpx line per request, and a report whose numbers match

@@ -29,6 +29,7 @@ def test_help_lists_subcommands():
     assert "make-tiny" in result.stdout and "generate" in result.stdout
 
 
+@pytest.mark.slow  # two child processes that each load torch and the model: about 10 s
 def test_generate_on_demo_checkpoint(tmp_path):
     """No --model: the demo checkpoint is made in the cache on first use, then reused."""
     env = {"XDG_CACHE_HOME": str(tmp_path)}
@@ -41,6 +42,7 @@ def test_generate_on_demo_checkpoint(tmp_path):
     assert json.loads(second.stdout.strip().splitlines()[-1]) == line
 
 
+@pytest.mark.slow  # two child processes: about 6 s
 def test_make_tiny_and_bad_flags(tmp_path):
     result = run_cli("make-tiny", str(tmp_path / "ck"), "--preset", "tiny", "--seed", "3")
     assert result.returncode == 0, result.stderr

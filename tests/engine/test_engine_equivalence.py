@@ -39,6 +39,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow  # 8 engines x 24 prompts + the transformers reference: 25 s idle, minutes on a busy 2-core machine
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_greedy_matches_transformers(case, reference, tiny_checkpoint):
     prompts, max_tokens, expected = reference

@@ -129,6 +129,7 @@ def run_cases(
     return sent
 
 
+@pytest.mark.slow  # hundreds of generated requests: about 30 s on a 2-core machine
 def test_generated_requests_get_no_5xx_and_conform_to_the_schema(served, schema):
     found = operations(schema)
     assert set(EXAMPLES) <= set(found), sorted(found)

@@ -50,6 +50,7 @@ def llm(tiny_checkpoint):
         yield llm
 
 
+@pytest.mark.slow  # 22 schemas x 2 samples, twice: about 30 s on a busy 2-core machine
 def test_every_schema_validates_with_n2_and_prefix_caching(llm):
     prompts = [PROMPT] * len(SCHEMAS)
     assert_all_valid(llm.generate(prompts, schema_params()))
@@ -65,6 +66,7 @@ def test_unconstrained_random_model_writes_no_json(llm):
             json.loads(output.outputs[0].text)
 
 
+@pytest.mark.slow  # 22 schemas x 2 samples under preemption: about 30 s
 def test_every_schema_validates_under_preemption(tiny_checkpoint):
     # 60 blocks of 16 tokens cannot hold 22 requests x 2 samples (4+ blocks each) at once.
     with LLM(
