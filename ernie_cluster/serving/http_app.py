@@ -112,7 +112,7 @@ class RequestGate:
             return
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(PayloadTooLargeError(self._too_large()), send)
+            await _send_error(self._too_large(), send)
             return
         if declared in (None, b"0") and b"transfer-encoding" not in headers:
             await self.app(scope, receive, send)  # no body to wait for (GET /health...)
@@ -158,12 +158,17 @@ class RequestGate:
                 return messages
             size += len(message.get("body", b""))
             if size > self.limit:
-                raise PayloadTooLargeError(self._too_large())
+                raise self._too_large()
             if not message.get("more_body", False):
                 return messages
 
-    def _too_large(self) -> str:
-        return f"request body exceeds the limit of {self.limit} bytes"
+    def _too_large(self) -> PayloadTooLargeError:
+        # NOTE: the rest of the body is never read; closing spares reading it to reuse the
+        # connection (a client may declare a gigabyte).
+        return PayloadTooLargeError(
+            f"request body exceeds the limit of {self.limit} bytes",
+            headers={"Connection": "close"},
+        )
 
     def _timed_out(self, size: int, remaining: float) -> str:
         if remaining <= self.body_idle_timeout_s:
@@ -284,6 +289,19 @@ def _content_type_problem(request: Request) -> str | None:
     ):
         return f"Content-Type {value!r} is not JSON: send the body with 'Content-Type: application/json'"
     return None
+
+
+def body_parse_problem(exc: StarletteHTTPException) -> str | None:
+    """What FastAPI's bare "error parsing the body" (a 400 it raises from the exception that
+    stopped the JSON decoder) was about, or None for any other HTTP error."""
+    if exc.status_code != 400 or exc.__cause__ is None:
+        return None
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return f"the request body is not UTF-8 (byte {cause.start}): send JSON in UTF-8"
+    if isinstance(cause, RecursionError):
+        return "the request body's JSON is nested too deeply to parse"
+    return f"the request body could not be parsed as JSON ({type(cause).__name__})"
 
 
 def validation_error(exc: RequestValidationError, request: Request) -> BadRequestError:
@@ -411,6 +429,9 @@ def build_http_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        unreadable = body_parse_problem(exc)
+        if unreadable is not None:
+            return error_response(BadRequestError(unreadable))
         error = OpenAIError(str(exc.detail))
         error.status_code = exc.status_code
         error.error_type = "invalid_request_error" if exc.status_code < 500 else "internal_error"

@@ -141,6 +141,14 @@ def test_trickled_body_is_408_after_the_read_timeout(served):
     assert READ_TIMEOUT_S <= elapsed < READ_TIMEOUT_S + 4.0
 
 
+def test_declared_oversize_body_is_413_and_closed_at_once(served):
+    start = time.monotonic()
+    with open_request(served.server.port, 10**9, b"{") as sock:
+        received, closed = read_response(sock)
+    assert received.startswith(b"HTTP/1.1 413 "), received
+    assert closed and time.monotonic() - start < 3.0
+
+
 def test_bodies_in_time_are_served_and_the_connection_is_reused(served):
     with httpx.Client(base_url=served.base_url, timeout=30.0) as client:
         for _ in range(3):
@@ -205,6 +213,19 @@ def test_malformed_json_names_no_param(served, content):
     assert error["message"].startswith("the request body is not valid JSON: ")
     assert "at character" in error["message"]
     assert error["param"] is None
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"model": "\xff\xfe"}', "the request body is not UTF-8 (byte 11)"),
+        (b'{"model": "tiny", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested too deeply"),
+    ],
+    ids=["not-utf8", "nested-5000-deep"],
+)
+def test_unparsable_body_says_why(served, content, message):
+    error = openai_error(post(served, "/v1/chat/completions", content, "application/json"), 400)
+    assert message in error["message"]
 
 
 def test_missing_content_type_says_so(served):
