@@ -289,6 +289,7 @@ def test_parallel_required_calls_each_validate(client):
             jsonschema.validate(json.loads(call.function.arguments), SCHEMA_OF[call.function.name])
 
 
+@pytest.mark.slow  # six 400-token generations one after another: 10-20 s
 def test_auto_tool_calls_validate_when_the_model_opens_one(served, client):
     tool_call = served.tokenizer.token_to_id("<tool_call>")
     responses = [
