@@ -156,6 +156,7 @@ def test_config_rejects_a_context_too_short_for_two_turns():
         LongSessionConfig(turn_tokens=0)
 
 
+@pytest.mark.slow  # a child process that imports torch: 3-5 s
 def test_cli_help_lists_the_flags():
     out = subprocess.run(
         [sys.executable, "-m", "ernie_cluster.cli.main", "bench", "long-session", "--help"],

@@ -23,6 +23,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a child process that imports torch: 2-7 s
 def test_help_lists_subcommands():
     result = run_cli("--help")
     assert result.returncode == 0
