@@ -221,6 +221,11 @@ class RayExecutor:
             self._mark_dead(exc)
             raise WorkerDiedError(f"a shard worker is not responding: {exc}") from exc
 
+    def worker_pids(self) -> list[int]:
+        """Each rank's process id (rank order)."""
+        self._raise_if_dead()
+        return self._wait_all([w.ping.remote() for w in self.workers], HEALTH_TIMEOUT_S)
+
     def expert_load(self):
         loads = self.collective_rpc("expert_load")
         return sum(loads[1:], loads[0])

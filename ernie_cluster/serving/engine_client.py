@@ -8,6 +8,7 @@ implements it over a DeploymentHandle, tests implement it with scripted engines,
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any, Protocol
@@ -77,7 +78,8 @@ class LocalEngineClient:
 
     async def check_health(self) -> None:
         try:
-            self.engine.check_health()
+            # NOTE: off the event loop: pinging shard workers may take up to their timeout.
+            await asyncio.to_thread(self.engine.check_health)
         except Exception as exc:
             raise EngineUnavailableError(f"engine unhealthy: {exc}") from exc
 

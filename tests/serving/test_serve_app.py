@@ -8,6 +8,7 @@ import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ernie_cluster.distributed.process_group import free_port
 
@@ -131,6 +132,114 @@ def test_health_and_metrics(server, client):
         "ernie_expert_load_imbalance",
     ):
         assert name in text
+
+
+def stats_boards() -> list[tuple[str, str]]:
+    """(actor id, state) of every StatsBoard actor this Ray cluster has seen, dead ones too."""
+    from ray._private import state
+
+    return [
+        (actor_id, actor["State"])
+        for actor_id, actor in state.actors().items()
+        if actor["ActorClassName"] == "StatsBoard"
+    ]
+
+
+def test_engine_gauges_on_every_scrape_without_process_churn(server, client):
+    """The stats board lives as long as the app: over 10 s every /metrics scrape carries the
+    engine gauges, and no actor (so no worker process) is created meanwhile. Before, the
+    board was garbage-collected and created again every ~2.5 s and the gauges flapped."""
+    from ray._private import state
+
+    chat(client)
+    gauges = (
+        "ernie_kv_cache_usage_ratio{",
+        "ernie_kv_cache_blocks_used{",
+        "ernie_kv_cache_blocks_capacity{",
+        "ernie_num_requests_running{",
+    )
+    deadline = time.monotonic() + 15  # the first post may take one period
+    while not all(g in httpx.get(f"{server}/metrics", timeout=10).text for g in gauges):
+        assert time.monotonic() < deadline, "engine gauges never appeared"
+        time.sleep(0.5)
+    boards, num_actors = stats_boards(), len(state.actors())
+    scrapes = missing = 0
+    end = time.monotonic() + 10
+    while time.monotonic() < end:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        scrapes += 1
+        missing += not all(g in text for g in gauges)
+        time.sleep(0.25)
+    assert scrapes >= 20 and missing == 0, (scrapes, missing)
+    assert stats_boards() == boards and [s for _, s in boards] == ["ALIVE"], boards
+    assert len(state.actors()) == num_actors
+
+
+def test_refused_requests_are_counted(server, client):
+    from openai import BadRequestError, NotFoundError
+
+    def counts() -> dict[str, float]:
+        text = httpx.get(f"{server}/metrics", timeout=10).text
+        family = {f.name: f for f in text_string_to_metric_families(text)}["ernie_requests"]
+        return {s.labels["status"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    before = counts()
+    with pytest.raises(NotFoundError):
+        chat(client, model="no-such-model")
+    with pytest.raises(BadRequestError):
+        chat(client, max_tokens=-1)
+    chat(client)
+    after = counts()
+    for status in ("not_found", "bad_request", "success"):
+        assert after.get(status, 0) - before.get(status, 0) == 1, (status, before, after)
+
+
+def test_health_and_requests_are_503_while_no_replica_can_be_placed(server, tiny_checkpoint):
+    """An app whose model replica cannot be placed (it asks for more CPUs than the cluster
+    has): /health and requests answer 503 + Retry-After within the ingress's bounds instead
+    of waiting for a replica."""
+    from ray import serve
+
+    from ernie_cluster.serving.ray_serve.builder import build_app
+    from ernie_cluster.serving.ray_serve.config import ServeAppConfig
+    from ernie_cluster.serving.ray_serve.deployments import HEALTH_TIMEOUT_S, ROUTE_TIMEOUT_S
+
+    config = ServeAppConfig(
+        model=str(tiny_checkpoint),
+        served_model_name=["tiny"],
+        dtype="float32",
+        tensor_parallel_size=2,
+        cpus_per_worker=64,  # the session cluster has 8
+        # NOTE: Serve waits this long for a replica that never started before killing it.
+        graceful_shutdown_timeout_s=1,
+    )
+    # NOTE: serve.run would wait for the app to be RUNNING, which it never becomes.
+    target = serve.RunTarget(build_app(config), name="ernie-unplaced", route_prefix="/unplaced")
+    serve.run_many([target], wait_for_applications_running=False)
+    base = f"{server}/unplaced"
+    try:
+        deadline = time.monotonic() + 60  # until the ingress is up
+        while httpx.get(f"{base}/v1/models", timeout=10).status_code != 200:
+            assert time.monotonic() < deadline, "the ingress never came up"
+            time.sleep(0.5)
+        started = time.monotonic()
+        health = httpx.get(f"{base}/health", timeout=30)
+        assert time.monotonic() - started < HEALTH_TIMEOUT_S + 3
+        assert health.status_code == 503 and int(health.headers["retry-after"]) >= 1
+        assert health.json()["error"]["code"] == "engine_unavailable"
+        body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for stream in (False, True):
+            started = time.monotonic()
+            response = httpx.post(
+                f"{base}/v1/chat/completions", json={**body, "stream": stream}, timeout=30
+            )
+            assert time.monotonic() - started < ROUTE_TIMEOUT_S + 3
+            assert response.status_code == 503, response.text
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.json()["error"]["code"] == "engine_unavailable"
+        assert httpx.get(f"{base}/metrics", timeout=10).status_code == 200
+    finally:
+        serve.delete("ernie-unplaced")
 
 
 def test_dropped_streams_free_their_blocks(server):

@@ -2,22 +2,25 @@
 workers) and OpenAIIngress (the FastAPI app), plus the handle-based EngineClient between them.
 
 Errors cross the handle as plain data (`RemoteError`) rather than pickled exceptions, so the
-ingress re-raises exactly the OpenAI error the replica meant. Each replica publishes its
-engine gauges to a small named actor that /metrics reads, since a handle cannot address
-every replica.
+ingress re-raises exactly the OpenAI error the replica meant. Every call from the ingress to
+a replica is bounded: a replica must take a request (its stream's first item, `Accepted`)
+within ROUTE_TIMEOUT_S and answer a health check within HEALTH_TIMEOUT_S, else the client
+gets 503 + Retry-After at once instead of waiting while no replica is ready (one being
+replaced, scaling up, or one that cannot be placed). Engine gauges reach /metrics through the
+stats board (stats_board.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-import ray
 from ray import serve
+from ray.exceptions import RayError, RayTaskError
 
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
 from ernie_cluster.inputs.engine_request import EngineRequest
@@ -26,12 +29,24 @@ from ernie_cluster.serving import errors
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.engine_client import LocalEngineClient, engine_stats_dict
 from ernie_cluster.serving.http_app import build_http_app
+from ernie_cluster.serving.metrics import with_request_counter
+from ernie_cluster.serving.ray_serve.stats_board import StatsBoardClient
 from ernie_cluster.serving.settings import ServingSettings
 
 logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 2.0
-STATS_STALE_S = 15.0
+ROUTE_TIMEOUT_S = 5.0
+"""Longest a request waits for a model replica to take it (then 503 + Retry-After)."""
+HEALTH_TIMEOUT_S = 5.0
+"""Longest /health waits for a model replica's answer."""
+
+
+@dataclass
+class Accepted:
+    """First item of every LLMServer.generate stream: a replica has taken the request."""
+
+    replica: str
 
 
 @dataclass
@@ -59,30 +74,11 @@ class RemoteError:
         return error_cls(self.message, param=self.param)
 
 
-@ray.remote(num_cpus=0)
-class StatsBoard:
-    """Latest engine gauges of each model replica (replicas push, the ingress reads)."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, tuple[float, dict]] = {}
-
-    def update(self, replica: str, stats: dict) -> None:
-        self.entries[replica] = (time.time(), stats)
-
-    def read(self) -> list[dict]:
-        now = time.time()
-        self.entries = {k: v for k, v in self.entries.items() if now - v[0] < STATS_STALE_S}
-        return [stats for _, stats in self.entries.values()]
-
-
-def stats_board(name: str):
-    # NOTE: not detached: it lives as long as the process that created it, and whoever asks
-    # next after that recreates it, so a deleted app leaves no actor behind.
-    return StatsBoard.options(name=name, get_if_exists=True, namespace="ernie-cluster").remote()
-
-
 class LLMServer:
     """One model instance: AsyncLLMEngine plus its executor (Ray actors when W > 1)."""
+
+    creates_board = False
+    """The ingress creates (and keeps) the stats board; model replicas only post to it."""
 
     async def __init__(
         self,
@@ -114,14 +110,13 @@ class LLMServer:
             self.replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # constructed outside Serve (tests)
             self.replica = "local"
-        self.board_name = board_name
+        self.board = StatsBoardClient(board_name, create=self.creates_board)
         self._publisher = asyncio.get_running_loop().create_task(self._publish_stats())
 
     async def _publish_stats(self) -> None:
         while True:
             try:
-                # Looked up each time: the board is recreated if its owner went away.
-                stats_board(self.board_name).update.remote(self.replica, self.stats())
+                await self.board.post(self.replica, self.stats())
             except Exception as exc:  # the board is best effort: never break serving
                 logger.debug("stats publish failed: %s", exc)
             await asyncio.sleep(STATS_PERIOD_S)
@@ -130,9 +125,17 @@ class LLMServer:
         """This replica's engine gauges (also pushed to the stats board every 2 s)."""
         return engine_stats_dict(self.engine, self.replica)
 
+    async def shard_pids(self) -> list[int]:
+        """Process ids of this replica's shard workers, rank order (operators, chaos tests)."""
+        executor = self.engine.engine.executor
+        if not hasattr(executor, "worker_pids"):
+            return [os.getpid()]  # W = 1: the model runs in this process
+        return await asyncio.to_thread(executor.worker_pids)
+
     async def generate(
         self, request: EngineRequest, session_key: str | None = None
-    ) -> AsyncIterator[RequestOutput | RemoteError]:
+    ) -> AsyncIterator[Accepted | RequestOutput | RemoteError]:
+        yield Accepted(self.replica)
         try:
             async for output in self.client.generate(request):
                 output.served_by = self.replica
@@ -155,32 +158,65 @@ class LLMServer:
 class ServeEngineClient:
     """EngineClient over a DeploymentHandle to the LLMServer deployment."""
 
-    def __init__(self, handle, board_name: str) -> None:
+    def __init__(
+        self,
+        handle,
+        board: StatsBoardClient,
+        route_timeout_s: float = ROUTE_TIMEOUT_S,
+        health_timeout_s: float = HEALTH_TIMEOUT_S,
+    ) -> None:
         self.handle = handle
-        self.board_name = board_name
+        self.board = board
+        self.route_timeout_s = route_timeout_s
+        self.health_timeout_s = health_timeout_s
 
     async def generate(
         self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         stream = self.handle.options(stream=True).generate.remote(request, session_key=session_key)
         try:
+            try:
+                await asyncio.wait_for(stream.__anext__(), self.route_timeout_s)
+            except asyncio.TimeoutError:
+                raise errors.EngineUnavailableError(
+                    f"no model replica took the request within {self.route_timeout_s:g} s "
+                    "(none is ready: one is starting, being replaced or cannot be placed)"
+                ) from None
             async for item in stream:
                 if isinstance(item, RemoteError):
                     raise item.to_exception()
                 yield item
+        except RayError as exc:
+            raise replica_failure(exc) from exc
         finally:
             stream.cancel()  # a client that went away aborts the request in the replica
 
     async def check_health(self) -> None:
+        response = self.handle.health.remote()
         try:
-            result = await self.handle.health.remote()
+            result = await asyncio.wait_for(response, self.health_timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise errors.EngineUnavailableError(
+                f"no model replica answered within {self.health_timeout_s:g} s "
+                "(none is ready: one is starting, being replaced or cannot be placed)"
+            ) from None
         except Exception as exc:
             raise errors.EngineUnavailableError(f"model replica unreachable: {exc}") from exc
         if result is not None:
             raise result.to_exception()
 
     async def get_stats(self) -> list[dict[str, Any]]:
-        return await stats_board(self.board_name).read.remote()
+        return await self.board.read()
+
+
+def replica_failure(exc: RayError) -> errors.OpenAIError:
+    """The OpenAI error for a failed call to a replica: 503 when the replica died or could not
+    be reached, 500 when its code raised."""
+    if isinstance(exc, RayTaskError):
+        logger.error("model replica failed: %s", exc)
+        return errors.OpenAIError(f"generation failed: {type(exc.cause).__name__}")
+    return errors.EngineUnavailableError(f"the model replica serving the request failed: {exc}")
 
 
 class OpenAIIngress:
@@ -191,10 +227,13 @@ class OpenAIIngress:
 
         config = ServeAppConfig.model_validate(app_config)
         settings = ingress_settings(config, model)
-        self.serving = OpenAIServing(ServeEngineClient(llm_handle, board_name), settings)
+        # NOTE: created here, held for the ingress's life: the board lives as long as we do.
+        self.board = StatsBoardClient(board_name, create=True)
+        self.board.connect()
+        self.serving = OpenAIServing(ServeEngineClient(llm_handle, self.board), settings)
 
     def __serve_build_asgi_app__(self):
-        return build_http_app(self.serving)
+        return build_app_with_counter(self.serving)
 
 
 class ReplicaEngineClient(LocalEngineClient):
@@ -210,7 +249,7 @@ class ReplicaEngineClient(LocalEngineClient):
             yield output
 
     async def get_stats(self) -> list[dict[str, Any]]:
-        return await stats_board(self.server.board_name).read.remote()
+        return await self.server.board.read()
 
 
 class OpenAIServer(LLMServer):
@@ -219,6 +258,8 @@ class OpenAIServer(LLMServer):
     One Serve hop instead of two (about 6 ms less to the first token on a 2-core machine);
     the proxy spreads requests over replicas by load, so there is no session affinity.
     """
+
+    creates_board = True  # no ingress here to hold it
 
     async def __init__(
         self,
@@ -244,7 +285,12 @@ class OpenAIServer(LLMServer):
         self.serving = OpenAIServing(ReplicaEngineClient(self), settings)
 
     def __serve_build_asgi_app__(self):
-        return build_http_app(self.serving)
+        return build_app_with_counter(self.serving)
+
+
+def build_app_with_counter(serving: OpenAIServing):
+    """The HTTP app, counting the generation requests refused before a handler took them."""
+    return with_request_counter(build_http_app(serving), serving.metrics)
 
 
 def ingress_settings(config, model: str) -> ServingSettings:
