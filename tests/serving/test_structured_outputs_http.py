@@ -244,6 +244,7 @@ def call_arguments(response) -> list[tuple[str, dict]]:
     return calls
 
 
+@pytest.mark.slow  # 50 constrained generations: 10-20 s on a busy 2-core machine
 def test_required_and_named_tool_calls_always_validate(client):
     named = {"type": "function", "function": {"name": "get_time"}}
 
@@ -271,6 +272,7 @@ def test_required_and_named_tool_calls_always_validate(client):
         jsonschema.validate(arguments, SCHEMA_OF[name])
 
 
+@pytest.mark.slow  # four generations of up to 1500 tokens
 def test_parallel_required_calls_each_validate(client):
     for seed in range(4):
         response = client.chat.completions.create(
