@@ -121,6 +121,7 @@ async def run_chaos(server: str, handle) -> dict[str, float]:
         # 2. New requests get 503 + Retry-After quickly until a new replica serves them.
         slowest_503_s = 0.0
         num_503 = 0
+        unroutable_s = None  # first 503 from the routing bound: no replica left to take it
         while True:
             sent_at = time.monotonic()
             response = await http.post("/v1/chat/completions", json=SHORT_BODY)
@@ -132,6 +133,8 @@ async def run_chaos(server: str, handle) -> dict[str, float]:
             assert response.json()["error"]["code"] == "engine_unavailable"
             assert answered_s < ROUTE_TIMEOUT_S + 5, answered_s
             slowest_503_s, num_503 = max(slowest_503_s, answered_s), num_503 + 1
+            if unroutable_s is None and answered_s >= ROUTE_TIMEOUT_S:
+                unroutable_s = sent_at - killed_at
             assert time.monotonic() - killed_at < RECOVERY_LIMIT_S, "the app did not recover"
             await asyncio.sleep(0.5)
         recovery_s = time.monotonic() - killed_at
@@ -149,6 +152,7 @@ async def run_chaos(server: str, handle) -> dict[str, float]:
         "detection_s": detection_s,
         "num_503": num_503,
         "slowest_503_s": slowest_503_s,
+        "unroutable_s": unroutable_s,
         "recovery_s": recovery_s,
     }
 
@@ -158,9 +162,11 @@ def test_killed_shard_worker_fails_streams_then_the_app_recovers(server):
 
     handle = serve.get_deployment_handle("LLMServer", app_name=APP)
     times = asyncio.run(run_chaos(server, handle))
+    unroutable = times["unroutable_s"]
     print(
         f"\nchaos: {NUM_STREAMS} streams ended with the in-band error {times['detection_s']:.2f} s "
         f"after the kill; {times['num_503']} requests got 503 meanwhile (slowest answer "
-        f"{times['slowest_503_s']:.2f} s); first success {times['recovery_s']:.1f} s after "
-        "the kill"
+        f"{times['slowest_503_s']:.2f} s; no replica to route to from "
+        f"{'-' if unroutable is None else f'{unroutable:.1f}'} s); first success "
+        f"{times['recovery_s']:.1f} s after the kill"
     )
