@@ -460,7 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-cpus",
         type=int,
         default=None,
-        help="logical CPUs of a locally started Ray (default: all)",
+        help="logical CPUs of a locally started Ray (default: the cores, or as many as the "
+        "app's shard workers need, which then share the cores)",
     )
     s_ = srv.add_argument_group("replicas (Ray Serve)")
     s_.add_argument("--num-replicas", type=int, default=None, help="fixed model replicas")
