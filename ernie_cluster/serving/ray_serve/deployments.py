@@ -176,13 +176,15 @@ class ServeEngineClient:
         stream = self.handle.options(stream=True).generate.remote(request, session_key=session_key)
         try:
             try:
-                await asyncio.wait_for(stream.__anext__(), self.route_timeout_s)
+                first = await asyncio.wait_for(stream.__anext__(), self.route_timeout_s)
             except asyncio.TimeoutError:
                 raise errors.EngineUnavailableError(
                     f"no model replica took the request within {self.route_timeout_s:g} s "
-                    "(none is ready: one is starting, being replaced or cannot be placed)"
+                    "(all are full, or none is ready: starting, being replaced or not placed)"
                 ) from None
-            async for item in stream:
+            # NOTE: a replica of an older version (during an upgrade) sends no Accepted.
+            items = stream if isinstance(first, Accepted) else chain_first(first, stream)
+            async for item in items:
                 if isinstance(item, RemoteError):
                     raise item.to_exception()
                 yield item
@@ -199,7 +201,7 @@ class ServeEngineClient:
             response.cancel()
             raise errors.EngineUnavailableError(
                 f"no model replica answered within {self.health_timeout_s:g} s "
-                "(none is ready: one is starting, being replaced or cannot be placed)"
+                "(all are busy, or none is ready: starting, being replaced or not placed)"
             ) from None
         except Exception as exc:
             raise errors.EngineUnavailableError(f"model replica unreachable: {exc}") from exc
@@ -208,6 +210,12 @@ class ServeEngineClient:
 
     async def get_stats(self) -> list[dict[str, Any]]:
         return await self.board.read()
+
+
+async def chain_first(first, rest: AsyncIterator) -> AsyncIterator:
+    yield first
+    async for item in rest:
+        yield item
 
 
 def replica_failure(exc: RayError) -> errors.OpenAIError:
