@@ -172,6 +172,7 @@ def serve_config_from_args(args: argparse.Namespace):
         tool_call_parser=args.tool_call_parser,
         api_key=args.api_key,
         api_key_file=args.api_key_file,
+        api_key_all_routes=args.api_key_all_routes,
         max_waiting_requests=args.max_waiting_requests,
         num_replicas=args.num_replicas,
         autoscaling=autoscaling,
@@ -201,7 +202,7 @@ def serve_without_ray(args: argparse.Namespace, config) -> int:
         app, engine = build_local_app(
             config.engine_config(model),
             max_waiting_requests=config.max_waiting_requests,
-            auth_all_routes=args.api_key_all_routes,
+            auth_all_routes=config.api_key_all_routes,
             served_model_names=config.served_model_name or [config.model or "ernie-demo"],
             reasoning_parser=config.reasoning_parser,
             tool_call_parser=config.tool_call_parser,
@@ -319,11 +320,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = serve_config_from_args(args).with_api_key_resolved()
     if args.no_ray_serve:
         return serve_without_ray(args, config)
-    if args.api_key_all_routes:
-        raise ValueError(
-            "--api-key-all-routes needs --no-ray-serve for now: under Ray Serve the key "
-            "guards the /v1 routes only"
-        )
     address = args.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
         # NOTE: a fresh local Ray owns nothing yet, so whatever holds the port is someone
@@ -431,7 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key-all-routes",
         action="store_true",
         help="require the key on /metrics, /docs, /redoc and /openapi.json too (default: "
-        "those and /health are open; /health always is); needs --no-ray-serve for now",
+        "those and /health are open; /health always is)",
     )
     g.add_argument(
         "--max-waiting-requests",

@@ -32,6 +32,7 @@ from ernie_cluster.serving.errors import (
     OpenAIError,
     PayloadTooLargeError,
 )
+from ernie_cluster.serving.metrics import with_request_counter
 from ernie_cluster.serving.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -351,14 +352,17 @@ def validation_error(exc: RequestValidationError, request: Request) -> BadReques
 
 def build_http_app(
     serving: OpenAIServing,
-    auth_all_routes: bool = False,
+    auth_all_routes: bool | None = None,
     body_read_timeout_s: float = BODY_READ_TIMEOUT_S,
     body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S,
 ) -> FastAPI:
-    """The app in front of `serving`. `auth_all_routes` puts /metrics and the API docs behind
-    the API key too (only /health stays open); the timeouts bound how long a request body
-    may take to arrive."""
+    """The app in front of `serving`. `auth_all_routes` (default: the settings') puts /metrics
+    and the API docs behind the API key too (only /health stays open); the timeouts bound how
+    long a request body may take to arrive. Requests refused before a handler takes them are
+    counted in the serving metrics."""
     settings = serving.settings
+    if auth_all_routes is None:
+        auth_all_routes = settings.auth_all_routes
     app = FastAPI(
         title="ernie-cluster",
         version=ernie_cluster.__version__,
@@ -452,4 +456,5 @@ def build_http_app(
         body_read_timeout_s=body_read_timeout_s,
         body_idle_timeout_s=body_idle_timeout_s,
     )
-    return app
+    # NOTE: added last, so it wraps the gate and counts its 401/408/413 refusals too.
+    return with_request_counter(app, serving.metrics)

@@ -26,6 +26,8 @@ class ServingSettings:
     tool_call_parser: str | None = None
     api_key: str | None = None
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    auth_all_routes: bool = False
+    """The API key guards /metrics and the API docs too (only /health stays open)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names:

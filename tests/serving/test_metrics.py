@@ -18,7 +18,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.engine_client import LocalEngineClient
 from ernie_cluster.serving.http_app import build_http_app
-from ernie_cluster.serving.metrics import with_request_counter
 
 API_KEY = "sk-metrics-test"
 
@@ -73,7 +72,7 @@ def test_every_generation_request_is_counted_once(tiny_checkpoint):
         api_key=API_KEY,
     )
     serving = OpenAIServing(LocalEngineClient(engine), settings)
-    app = with_request_counter(build_http_app(serving), serving.metrics)
+    app = build_http_app(serving)  # counts refusals itself, in every server
     with serve_app(app, engine, engine.tokenizer, API_KEY) as served, served.http() as http:
         sent = [
             ("/v1/completions", completion()),  # success
@@ -95,3 +94,14 @@ def test_every_generation_request_is_counted_once(tiny_checkpoint):
         assert http.get("/v1/models").status_code == 200
         assert http.get("/v1/nothing-here").status_code == 404
         assert request_counts(served.base_url) == expected
+
+
+def test_auth_all_routes_comes_from_the_settings(tiny_checkpoint):
+    engine, _ = scripted_engine(tiny_checkpoint, {"": "a"}, max_model_len=64)
+    settings = settings_for(engine.tokenizer, api_key=API_KEY, auth_all_routes=True)
+    app = build_http_app(OpenAIServing(LocalEngineClient(engine), settings))
+    with serve_app(app, engine, engine.tokenizer, API_KEY) as served:
+        assert httpx.get(f"{served.base_url}/metrics", timeout=10).status_code == 401
+        assert httpx.get(f"{served.base_url}/health", timeout=10).status_code == 200
+        with served.http() as http:
+            assert http.get("/metrics").status_code == 200

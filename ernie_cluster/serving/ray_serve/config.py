@@ -123,6 +123,9 @@ class ServeAppConfig(BaseModel):
     api_key_file: str | None = Field(
         None, description="File holding the API key (read where the app is built)"
     )
+    api_key_all_routes: bool = Field(
+        False, description="The API key guards /metrics and the API docs too (not /health)"
+    )
     max_waiting_requests: int | None = Field(
         None, ge=1, description="Reject with 503 + Retry-After when this many requests wait"
     )

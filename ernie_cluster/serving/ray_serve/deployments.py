@@ -29,7 +29,6 @@ from ernie_cluster.serving import errors
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.engine_client import LocalEngineClient, engine_stats_dict
 from ernie_cluster.serving.http_app import build_http_app
-from ernie_cluster.serving.metrics import with_request_counter
 from ernie_cluster.serving.ray_serve.stats_board import StatsBoardClient
 from ernie_cluster.serving.settings import ServingSettings
 
@@ -241,7 +240,7 @@ class OpenAIIngress:
         self.serving = OpenAIServing(ServeEngineClient(llm_handle, self.board), settings)
 
     def __serve_build_asgi_app__(self):
-        return build_app_with_counter(self.serving)
+        return build_http_app(self.serving)
 
 
 class ReplicaEngineClient(LocalEngineClient):
@@ -293,12 +292,7 @@ class OpenAIServer(LLMServer):
         self.serving = OpenAIServing(ReplicaEngineClient(self), settings)
 
     def __serve_build_asgi_app__(self):
-        return build_app_with_counter(self.serving)
-
-
-def build_app_with_counter(serving: OpenAIServing):
-    """The HTTP app, counting the generation requests refused before a handler took them."""
-    return with_request_counter(build_http_app(serving), serving.metrics)
+        return build_http_app(self.serving)
 
 
 def ingress_settings(config, model: str) -> ServingSettings:
@@ -313,5 +307,6 @@ def ingress_settings(config, model: str) -> ServingSettings:
         reasoning_parser=config.reasoning_parser,
         tool_call_parser=config.tool_call_parser,
         api_key=config.api_key,
+        auth_all_routes=config.api_key_all_routes,
         max_request_body_bytes=config.max_request_body_bytes,
     )
