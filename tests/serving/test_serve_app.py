@@ -171,7 +171,9 @@ def test_engine_gauges_on_every_scrape_without_process_churn(server, client):
         missing += not all(g in text for g in gauges)
         time.sleep(0.25)
     assert scrapes >= 20 and missing == 0, (scrapes, missing)
-    assert stats_boards() == boards and [s for _, s in boards] == ["ALIVE"], boards
+    # NOTE: boards of apps that earlier tests in this Ray session deleted stay listed as DEAD.
+    alive = [board for board in boards if board[1] == "ALIVE"]
+    assert len(alive) == 1 and stats_boards() == boards, boards
     assert len(state.actors()) == num_actors
 
 
