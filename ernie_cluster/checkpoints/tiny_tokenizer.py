@@ -14,7 +14,15 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    trainers,
+)
 
 # (content, special). Special tokens are skipped by decode(skip_special_tokens=True); the
 # think/response/tool_call tags are plain added tokens because the reasoning and tool-call
@@ -130,7 +138,21 @@ def build_tiny_tokenizer(vocab_size: int) -> Tokenizer:
             f"got {vocab_size!r}"
         )
     pieces, merges = _train_pieces(vocab_size - num_fixed)
+    # NOTE: like ERNIE's own tokenizer (add_prefix_space=False) there is no dummy-prefix
+    # metaspace, so the decoder has no leading-space Strip and decode(encode(text)) == text.
+    # Splitting at metaspaces gives the same pieces as not splitting (no merge crosses a word
+    # start) but keeps BPE work per word.
+    return assemble_bpe(pieces, merges, pre_tokenizer=_metaspace())
 
+
+def assemble_bpe(
+    pieces: list[str],
+    merges: list[tuple[str, str]],
+    pre_tokenizer: pre_tokenizers.PreTokenizer,
+    normalizer: normalizers.Normalizer | None = None,
+) -> Tokenizer:
+    """A byte-fallback BPE with ERNIE's id layout: the control tokens (added tokens, at their
+    fixed low ids), the 256 byte tokens, then `pieces`; it decodes metaspaces to spaces."""
     vocab = {content: i for i, (content, _) in enumerate(CONTROL_TOKENS)}
     for token in (*BYTE_TOKENS, *pieces):
         if token in vocab:
@@ -139,11 +161,9 @@ def build_tiny_tokenizer(vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(
         models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True)
     )
-    # NOTE: like ERNIE's own tokenizer (add_prefix_space=False) there is no dummy-prefix
-    # metaspace, so the decoder has no leading-space Strip and decode(encode(text)) == text.
-    # Splitting at metaspaces gives the same pieces as not splitting (no merge crosses a word
-    # start) but keeps BPE work per word.
-    tokenizer.pre_tokenizer = _metaspace()
+    if normalizer is not None:
+        tokenizer.normalizer = normalizer
+    tokenizer.pre_tokenizer = pre_tokenizer
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(METASPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     )
@@ -153,13 +173,19 @@ def build_tiny_tokenizer(vocab_size: int) -> Tokenizer:
 
 def write_tokenizer_files(directory: str | Path, vocab_size: int) -> None:
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json and the template."""
+    write_tokenizer_dir(
+        directory, build_tiny_tokenizer(vocab_size), CHAT_TEMPLATE_FILE.read_text("utf-8")
+    )
+
+
+def write_tokenizer_dir(directory: str | Path, tokenizer: Tokenizer, chat_template: str) -> None:
+    """`tokenizer` as a Hugging Face tokenizer directory with ERNIE's special-token roles."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tiny_tokenizer(vocab_size)
     (directory / "tokenizer.json").write_text(tokenizer.to_str(pretty=True) + "\n", "utf-8")
     _write_json(directory / "tokenizer_config.json", _tokenizer_config())
     _write_json(directory / "special_tokens_map.json", _special_tokens_map())
-    (directory / "chat_template.jinja").write_bytes(CHAT_TEMPLATE_FILE.read_bytes())
+    (directory / "chat_template.jinja").write_text(chat_template, "utf-8")
 
 
 def training_corpus(seed: int = _SEED) -> list[str]:
