@@ -1,5 +1,6 @@
-"""The `ernie-cluster` command line: make-tiny, generate (offline) and the subcommands of the
-later layers. Each subcommand parses its flags here and calls one library function."""
+"""The `ernie-cluster` command line: make-tiny, train-demo, generate (offline) and the
+subcommands of the later layers. Each subcommand parses its flags here and calls one library
+function."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 import sys
 
 from ernie_cluster.checkpoints.presets import PRESETS
+from ernie_cluster.cli import train_demo
 from ernie_cluster.config.engine_config import ATTENTION_BACKENDS
 from ernie_cluster.serving.ray_serve.config import API_KEY_ENV
 
@@ -387,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--force", action="store_true", help="write into a directory that is not empty"
     )
     tiny.set_defaults(func=cmd_make_tiny)
+    train_demo.add_parser(sub)
 
     srv = sub.add_parser("serve", help="serve the OpenAI-compatible API on Ray Serve")
     add_engine_args(srv)
