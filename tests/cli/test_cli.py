@@ -9,7 +9,6 @@ import sys
 
 import pytest
 
-from ernie_cluster.checkpoints.demo import DEMO_NAME
 from ernie_cluster.cli.main import build_parser, serve_config_from_args
 
 
@@ -32,14 +31,17 @@ def test_help_lists_subcommands():
 
 @pytest.mark.slow  # two child processes that each load torch and the model: about 10 s
 def test_generate_on_demo_checkpoint(tmp_path):
-    """No --model: the demo checkpoint is made in the cache on first use, then reused."""
+    """No --model: the shipped demo model answers a greeting, greedy, the same way twice, and
+    nothing is written to the user's cache."""
     env = {"XDG_CACHE_HOME": str(tmp_path)}
-    first = run_cli("generate", "--chat", "--prompt", "Hi", "--max-tokens", "5", env=env)
+    args = ("generate", "--chat", "--prompt", "Hello!", "--max-tokens", "120", "--temperature", "0")
+    first = run_cli(*args, env=env)
     assert first.returncode == 0, first.stderr
     line = json.loads(first.stdout.strip().splitlines()[-1])
-    assert len(line["token_ids"]) >= 1 and line["finish_reason"] in ("stop", "length")
-    assert (tmp_path / "ernie-cluster" / DEMO_NAME / "config.json").is_file()
-    second = run_cli("generate", "--chat", "--prompt", "Hi", "--max-tokens", "5", env=env)
+    assert line["finish_reason"] == "stop"
+    assert "</think>" in line["text"] and "<response>" in line["text"]
+    assert not list(tmp_path.iterdir())
+    second = run_cli(*args, env=env)
     assert json.loads(second.stdout.strip().splitlines()[-1]) == line
 
 
