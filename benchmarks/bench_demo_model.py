@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from common import code_version, machine_summary
@@ -69,6 +70,21 @@ def served_timings(client, messages, tools, repeats: int) -> tuple[list[float], 
     return ttfts, rates, tokens
 
 
+def first_token_and_decode(
+    generate: Callable[[int], float], num_tokens: int, repeats: int
+) -> tuple[list[float], list[float]]:
+    """(first-token seconds, decode tokens/s) from `generate(n)`, the seconds a greedy
+    generation of exactly n tokens takes: a one-token run, then a full one, `repeats` times."""
+    generate(2)  # warm-up
+    ttfts, rates = [], []
+    for _ in range(repeats):
+        first = generate(1)
+        whole = generate(num_tokens)
+        ttfts.append(first)
+        rates.append((num_tokens - 1) / max(1e-9, whole - first))
+    return ttfts, rates
+
+
 def engine_timings(prompt_ids: list[int], num_tokens: int, repeats: int):
     """(first-token seconds, decode tokens/s) of our engine in this process (offline `LLM`,
     W = 1, float32), the same prompt and length: the model step without the serving hops."""
@@ -82,14 +98,7 @@ def engine_timings(prompt_ids: list[int], num_tokens: int, repeats: int):
             llm.generate([prompt_ids], params)
             return time.perf_counter() - start
 
-        generate(2)  # warm-up
-        ttfts, rates = [], []
-        for _ in range(repeats):
-            first = generate(1)
-            whole = generate(num_tokens)
-            ttfts.append(first)
-            rates.append((num_tokens - 1) / max(1e-9, whole - first))
-    return ttfts, rates
+        return first_token_and_decode(generate, num_tokens, repeats)
 
 
 def transformers_timings(prompt_ids: list[int], num_tokens: int, repeats: int):
@@ -115,14 +124,7 @@ def transformers_timings(prompt_ids: list[int], num_tokens: int, repeats: int):
             )
         return time.perf_counter() - start
 
-    generate(2)  # warm-up
-    ttfts, rates = [], []
-    for _ in range(repeats):
-        first = generate(1)
-        whole = generate(num_tokens)
-        ttfts.append(first)
-        rates.append((num_tokens - 1) / max(1e-9, whole - first))
-    return ttfts, rates
+    return first_token_and_decode(generate, num_tokens, repeats)
 
 
 def main() -> None:

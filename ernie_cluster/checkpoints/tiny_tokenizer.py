@@ -228,6 +228,11 @@ def _train_pieces(max_pieces: int) -> tuple[list[str], list[tuple[str, str]]]:
     # as the byte token <0x0A>, as in the real model.
     scratch.pre_tokenizer = _metaspace()
     scratch.train_from_iterator(corpus, trainer=trainer)
+    return trained_pieces(scratch, max_pieces)
+
+
+def trained_pieces(scratch: Tokenizer, max_pieces: int) -> tuple[list[str], list[tuple[str, str]]]:
+    """The pieces (in id order) and merges a BPE trainer gave `scratch`, for assemble_bpe."""
     model = json.loads(scratch.to_str())["model"]
     pieces = sorted(model["vocab"], key=model["vocab"].__getitem__)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]

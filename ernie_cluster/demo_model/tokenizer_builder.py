@@ -11,7 +11,6 @@ reason. Deterministic: the same texts and vocab_size give byte-identical files.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 
@@ -23,6 +22,7 @@ from ernie_cluster.checkpoints.tiny_tokenizer import (
     CONTROL_TOKENS,
     METASPACE,
     assemble_bpe,
+    trained_pieces,
 )
 
 # A word: a run of letters, one digit, or a run of anything else (spaces, punctuation).
@@ -72,9 +72,4 @@ def _learn_pieces(lines: Iterator[str], max_pieces: int) -> tuple[list[str], lis
     scratch.normalizer = _normalizer()
     scratch.pre_tokenizer = _pre_tokenizer()
     scratch.train_from_iterator(lines, trainer=trainer)
-    model = json.loads(scratch.to_str())["model"]
-    pieces = sorted(model["vocab"], key=model["vocab"].__getitem__)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    if len(pieces) > max_pieces:
-        raise RuntimeError(f"BPE trainer produced {len(pieces)} pieces, limit {max_pieces}")
-    return pieces, merges
+    return trained_pieces(scratch, max_pieces)
