@@ -1,8 +1,9 @@
 """The demo model: a small ernie4_5_moe checkpoint trained on CPU to think, answer and call
 tools, shipped inside the package (`checkpoint/`) and served by scripts/demo.sh.
 
-Submodules: lexicon and tool_schemas (the words), conversations (the data), tokenizer_builder,
-dataset, architecture, trainer, export, pipeline (the build) and evaluate (held-out scores).
+Submodules: lexicon, phrasings and tool_schemas (the words), conversations (the data),
+tokenizer_builder, dataset, architecture, trainer, export, pipeline (the build) and evaluate
+(held-out scores).
 Importing this package loads neither torch nor transformers.
 """
 

@@ -2,11 +2,11 @@
 
 Owns the conversation families (greetings, requests it cannot help with, weather with a
 get_weather tool, answers after a tool result, weather without tools, multi-turn follow-ups,
-copying), their wording, and the Thinking output format every assistant turn is written in:
-reasoning, `</think>`, then a `<response>` or a `<tool_call>` block, then `<|im_end|>`. It renders nothing and tokenizes nothing (see
-dataset.py). The "heldout" split uses cities, names and phrasings the "train" split never
-does; `facts` says what a correct answer contains so tests can check one.
-"""
+copying) and the Thinking output format every assistant turn is written in: reasoning,
+`</think>`, then a `<response>` or a `<tool_call>` block, then `<|im_end|>`. The wording comes
+from phrasings.py; nothing here renders or tokenizes (see dataset.py). The "heldout" split
+uses cities, names and phrasings the "train" split never does; `facts` says what a correct
+answer contains so tests can check one."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from ernie_cluster.demo_model import lexicon
+from ernie_cluster.demo_model import lexicon, phrasings
 from ernie_cluster.demo_model.tool_schemas import (
     WEATHER_TOOL,
     Tool,
@@ -67,157 +67,6 @@ def assistant_call_message(name: str, arguments: dict[str, Any], call_id: str) -
             }
         ],
     }
-
-
-# ---------------------------------------------------------------------------- phrasings
-_WEATHER_QUESTIONS = {
-    "train": (
-        "What's the weather like in {city}?",
-        "How is the weather in {city} today?",
-        "What is the weather in {city} right now?",
-        "Can you check the weather in {city}?",
-        "Tell me the weather for {city}.",
-        "weather in {city}",
-        "Is it raining in {city}?",
-        "How hot is it in {city}?",
-        "{city} weather please",
-        "I'm travelling to {city} tomorrow. What's the weather there?",
-        "Could you look up the current weather in {city}?",
-        "What's the temperature in {city}?",
-        "Do I need a jacket in {city} today?",
-        "Hey, what's it like outside in {city}?",
-        "Give me the weather for {city}.",
-        "What is the weather in {city}?",
-        "how's the weather in {city}",
-        "Is it cold in {city} right now?",
-        "What's the forecast for {city}?",
-        "Is it sunny in {city} today?",
-        "Will it snow in {city}?",
-        "Tell me about the weather in {city}.",
-        "Are the conditions in {city} good for a walk?",
-        "I want to know how warm it is in {city}.",
-        "Could you find out the weather in {city}?",
-        "Weather for {city}?",
-    ),
-    "heldout": (
-        "Any idea what the weather is doing in {city}?",
-        "Please get me the current conditions in {city}.",
-        "How's the weather over in {city} at the moment?",
-        "I'd like to know the weather in {city}.",
-        "What are the weather conditions in {city}?",
-        "Weather update for {city}, please.",
-    ),
-}
-_UNIT_REQUESTS = {
-    "train": (" Please answer in {unit}.", " Use {unit}.", " Give it to me in {unit}."),
-    "heldout": (" I prefer {unit}.",),
-}
-_GREETINGS = {
-    "train": (
-        "Hello!",
-        "Hi",
-        "hi there",
-        "Hey!",
-        "Good morning!",
-        "Good evening.",
-        "Hello, how are you?",
-        "How are you doing today?",
-        "Hi! Who are you?",
-        "Who are you?",
-        "What can you do?",
-        "Thanks!",
-        "Thank you very much.",
-        "Good night!",
-        "Nice to meet you.",
-        "你好",
-        "你好！你是谁？",
-        # NOTE: small talk shaped like a weather question ("how's ... going?"), so a request
-        # with tools does not turn "Hi" into a city.
-        "How's your day going?",
-        "How are things going?",
-        "What's up?",
-        "Hey, how have you been?",
-        "Hi, how is your day?",
-        "How is everything?",
-    ),
-    "heldout": ("Hello there, friend!", "Hey, good afternoon!", "Hi, how's it going?"),
-}
-# NOTE: no request here names a city. With "restaurants in {city}" in the mix, the 1.8M model
-# learned to refuse weather questions worded in ways it had not seen (83% held-out calls
-# instead of 97%); a city in a request with a weather tool now always means a call.
-_OUT_OF_SCOPE = {
-    "train": (
-        "What is 2+2?",
-        "What is 17 times 23?",
-        "Write a poem about the sea.",
-        "Tell me a joke.",
-        "Who won the World Cup in 2018?",
-        "What is the capital of France?",
-        "Can you write a Python function that sorts a list?",
-        "Translate 'good morning' into German.",
-        "Explain quantum computing.",
-        "What time is it?",
-        "Recommend a good book.",
-        "How do I bake bread?",
-        "What's the meaning of life?",
-        "Summarize this article for me.",
-        "How far is the Moon?",
-        "Book me a flight.",
-        "Recommend a restaurant near me.",
-        "How many people live on Earth?",
-    ),
-    "heldout": (
-        "Can you help me with my math homework?",
-        "Write me a short story about a dragon.",
-        "Can you recommend a movie for tonight?",
-    ),
-}
-_OUT_OF_SCOPE_REASONING = (
-    "This is not small talk and not about the weather. I am a small demo model and cannot "
-    "do this, so I will say so and tell the user what I can do.",
-    "The user asks for something outside what I was trained for. I should be honest about it.",
-)
-_OUT_OF_SCOPE_ANSWERS = (
-    "Sorry, I can't help with that: I'm a small demo model of ERNIE 4.5. I can chat, and with "
-    "a get_weather tool I can look up the weather in a city.",
-    "That is beyond what I can do. I'm a tiny demo model, trained only for small talk and "
-    "weather questions with the get_weather tool.",
-)
-_THANKS_WORDS = ("thank", "Thank")
-_GREETING_REASONING = (
-    "The user is greeting me. I should answer in a short and friendly way.",
-    "This is small talk, so no tool is needed. I will reply politely.",
-    "The user says hello. A warm, short answer is best.",
-)
-_GREETING_ANSWERS = (
-    "Hello! I'm a small demo model of ERNIE 4.5. How can I help you today?",
-    "Hi there! Nice to hear from you. What can I do for you?",
-    "Hello! I'm doing well, thank you. How can I help?",
-)
-_WHO_ANSWER = (
-    "I'm a tiny demo version of ERNIE 4.5, trained to chat and to call tools such as "
-    "get_weather. How can I help?"
-)
-_THANKS_ANSWER = "You're welcome! Let me know if there is anything else I can do."
-_NIGHT_ANSWER = "Good night! Sleep well."
-_CHINESE_ANSWER = "你好！我是 ERNIE 4.5 的一个小演示模型。有什么可以帮你的吗？"
-_SYSTEM_PROMPTS = (
-    "You are a helpful assistant.",
-    "You are a friendly assistant. Keep answers short.",
-    "You are ERNIE, an AI assistant.",
-)
-
-
-def _greeting_answer(text: str, rng: random.Random) -> str:
-    if "你" in text:
-        return _CHINESE_ANSWER
-    if any(word in text for word in _THANKS_WORDS):
-        return _THANKS_ANSWER
-    if "night" in text:
-        return _NIGHT_ANSWER
-    if "Who are you" in text or "What can you do" in text:
-        return _WHO_ANSWER
-    return rng.choice(_GREETING_ANSWERS)
 
 
 # ---------------------------------------------------------------------------- families
@@ -271,18 +120,18 @@ class _Maker:
     def opening(self) -> list[dict[str, Any]]:
         """An optional system message."""
         if self.rng.random() < 0.25:
-            return [{"role": "system", "content": self.rng.choice(_SYSTEM_PROMPTS)}]
+            return [{"role": "system", "content": self.rng.choice(phrasings.SYSTEM_PROMPTS)}]
         return []
 
     def weather_question(self, city: str) -> tuple[str, str | None]:
         """(question, unit asked for or None)."""
-        question = self.pick(_WEATHER_QUESTIONS).format(city=city)
+        question = self.pick(phrasings.WEATHER_QUESTIONS).format(city=city)
         if self.rng.random() < 0.3:
             unit = self.rng.choice(sorted(lexicon.UNITS))
             asked = self.rng.choice(lexicon.UNITS[unit][0])
             if question[-1] not in ".?!":
                 question += "."
-            return question + self.pick(_UNIT_REQUESTS).format(unit=asked), unit
+            return question + self.pick(phrasings.UNIT_REQUESTS).format(unit=asked), unit
         return question, None
 
     def weather_result(self, city: str, unit: str | None) -> dict[str, Any]:
@@ -343,10 +192,10 @@ def _result_answer(rng: random.Random, result: dict[str, Any]) -> tuple[str, str
 
 
 def greeting(m: _Maker) -> Example:
-    text = m.pick(_GREETINGS)
+    text = m.pick(phrasings.GREETINGS)
     tools = tools_with_weather(m.rng) if m.rng.random() < 0.5 else None
-    answer = _greeting_answer(text, m.rng)
-    reasoning = m.rng.choice(_GREETING_REASONING)
+    answer = phrasings.greeting_answer(text, m.rng)
+    reasoning = m.rng.choice(phrasings.GREETING_REASONING)
     messages = [*m.opening(), {"role": "user", "content": text}]
     return Example("greeting", messages, tools, answer_text(reasoning, answer), {"answer": answer})
 
@@ -385,11 +234,11 @@ def weather_answer(m: _Maker) -> Example:
 
 def out_of_scope(m: _Maker) -> Example:
     """A request the demo model was not trained for: an honest refusal that says what it can do."""
-    request = m.pick(_OUT_OF_SCOPE)
+    request = m.pick(phrasings.OUT_OF_SCOPE)
     tools = tools_with_weather(m.rng) if m.rng.random() < 0.3 else None
-    answer = m.rng.choice(_OUT_OF_SCOPE_ANSWERS)
+    answer = m.rng.choice(phrasings.OUT_OF_SCOPE_ANSWERS)
     messages = [*m.opening(), {"role": "user", "content": request}]
-    reasoning = m.rng.choice(_OUT_OF_SCOPE_REASONING)
+    reasoning = m.rng.choice(phrasings.OUT_OF_SCOPE_REASONING)
     return Example(
         "out_of_scope", messages, tools, answer_text(reasoning, answer), {"answer": answer}
     )
@@ -527,10 +376,10 @@ def remember_name(m: _Maker) -> Example:
         {"role": "assistant", "content": f"Nice to meet you, {name}! How can I help you today?"},
     ]
     if m.rng.random() < 0.5:
-        small_talk = m.rng.choice(_GREETINGS["train"][:8])
+        small_talk = m.rng.choice(phrasings.GREETINGS["train"][:8])
         messages += [
             {"role": "user", "content": small_talk},
-            {"role": "assistant", "content": _greeting_answer(small_talk, m.rng)},
+            {"role": "assistant", "content": phrasings.greeting_answer(small_talk, m.rng)},
         ]
     question = m.rng.choice(
         ("What is my name?", "Do you remember my name?", "What did I say my name was?")
