@@ -77,7 +77,11 @@ def test_shipped_build_reproduces_its_first_fifty_steps(one_thread):
     config = demo_config(tokenizer.get_vocab_size())
     first = train(config, tokenizer, chat_template(), settings, stop_after=50).losses
     assert len(first) == 50
-    assert first == log["one_thread_losses"][:50]
+    # NOTE: bit-equal only on the CPU the log was made on: another vendor's BLAS and oneDNN
+    # kernels (AVX-512 on the Intel VM that built it, AVX2 on AMD) round some sums differently,
+    # 1e-7 relative by step 6. Bit-exact determinism on one machine is
+    # test_fifty_steps_repeat_exactly's to check; here the curve must be the same curve.
+    assert first == pytest.approx(log["one_thread_losses"][:50], rel=1e-5, abs=0)
     # NOTE: the whole run used log["num_threads"] threads: float sums in another order, so
     # its curve is close to the one-thread curve, not bit-equal.
     assert first == pytest.approx(log["losses"][:50], rel=2e-3)

@@ -35,5 +35,8 @@ def test_padding_rows_take_no_expert(tiny_checkpoint):
 
     model.set_num_real_tokens(len(real))
     padded = one_token_rows(model, [*real, 0, 0])
-    torch.testing.assert_close(padded[: len(real)], plain, rtol=0, atol=0)
+    # NOTE: not bit-equal everywhere: a GEMM over 5 rows may block its sums unlike one over 3
+    # (AMD's AVX2 kernels do; Intel's AVX-512 ones did not), ~1e-6 apart. What padding must
+    # not do is take experts (the exact load below) or change a real row beyond that rounding.
+    torch.testing.assert_close(padded[: len(real)], plain, rtol=1e-5, atol=1e-5)
     assert torch.equal(expert_load(model), plain_load)
