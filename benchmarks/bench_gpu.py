@@ -76,6 +76,9 @@ from gpu_steps import blocks_for, decode_outputs, prefill_outputs
 BLOCK_SIZE = 16
 LONG_PROMPT = 16384
 """Prompts longer than this are timed once, whatever --prefill-repeats says."""
+TORCH_MAX_CONTEXT = 16384
+"""The torch reference backend's cases past this context are skipped: it materialises the
+gathered keys (and a prefix mask) and runs out of memory at 128K."""
 
 SMOKE_DEFAULTS = {
     "preset": "tiny",
@@ -107,7 +110,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--preset", default="full", help="model shape (default full: the real 21B-A3B)")
     add("--dtype", default="bfloat16", help="weights, activations and KV cache dtype")
     add("--device", default="cuda", help="torch device: cuda, cuda:1, ... (cpu for --smoke)")
-    add("--backends", default="triton,torch", help="attention backends, one after another")
+    add(
+        "--backends",
+        default="triton",
+        help="attention backends, one after another (the torch reference skips contexts and "
+        f"prompts past {TORCH_MAX_CONTEXT} tokens: it gathers every key)",
+    )
     add("--modes", default="graphs,eager", help="decode with CUDA graphs and/or enforce_eager")
     add("--batches", default="1,32,64", help="decode batch sizes")
     add("--contexts", default="4K,16K", help="decode contexts (every batch at every context)")
@@ -257,6 +265,25 @@ def make_runner(model, num_blocks: int, args, backend: str, eager: bool, max_seq
     runner = ModelRunner(model, num_blocks, config, torch.device(args.device))
     runner.capture_cuda_graphs()
     return runner
+
+
+def graphs_captured(runner) -> bool:
+    return runner is not None and (
+        runner.cuda_graphs is not None or runner.piecewise_graphs is not None
+    )
+
+
+def mode_label(entry: dict) -> str:
+    """'graphs' only for a runner that captured graphs; a graphs run without is 'no-graph'."""
+    if entry["mode"] == "graphs" and not entry.get("cuda_graphs"):
+        return "no-graph"
+    return entry["mode"]
+
+
+def torch_skip(name: str, tokens: int) -> str | None:
+    if name == "torch" and tokens > TORCH_MAX_CONTEXT:
+        return f"torch backend past {TORCH_MAX_CONTEXT} tokens (gathers every key)"
+    return None
 
 
 def free_device_bytes(device: torch.device) -> int | None:
@@ -470,7 +497,7 @@ def run_backend(name: str, args, config, dtype, calib, deadline: float, report: 
         for case, contexts in cases:
             entry = {"backend": name, "mode": mode, "case": case, "batch": len(contexts)}
             entry["contexts"] = {str(c): contexts.count(c) for c in sorted(set(contexts))}
-            entry["cuda_graphs"] = device.type == "cuda" and not eager
+            entry["cuda_graphs"] = False  # set from the runner once it is built
             tag = f"{name}-{mode}-{case}"
             measure = partial(
                 decode_case,
@@ -482,14 +509,21 @@ def run_backend(name: str, args, config, dtype, calib, deadline: float, report: 
                 costs=costs,
                 calib=calib,
             )
-            report["decode"].append(guarded(entry, partial(slot.run, measure), deadline, device))
+            skip = torch_skip(name, max(contexts))
+            if skip:
+                entry["status"], entry["error"] = "skipped", skip
+            else:
+                guarded(entry, partial(slot.run, measure), deadline, device)
+                entry["cuda_graphs"] = graphs_captured(slot.runner)
+            report["decode"].append(entry)
             print(f"  {describe(entry)}", flush=True)
         runner_info = {"backend": name, "kind": "decode", "mode": mode}
         report["runners"].append({**runner_info, "num_kv_blocks": num_blocks, **slot.info})
         slot.drop()  # its KV cache, before the next mode allocates one
         release(device)
 
-    num_blocks = kv_blocks(blocks_for(max(prompts, default=1), BLOCK_SIZE), args, costs, device)
+    longest = max((p for p in prompts if not torch_skip(name, p)), default=1)
+    num_blocks = kv_blocks(blocks_for(longest, BLOCK_SIZE), args, costs, device)
 
     def build_prefill_runner():
         runner = make_runner(model, num_blocks, args, name, True, 1)
@@ -511,7 +545,12 @@ def run_backend(name: str, args, config, dtype, calib, deadline: float, report: 
             costs=costs,
             calib=calib,
         )
-        report["prefill"].append(guarded(entry, partial(slot.run, measure), deadline, device))
+        skip = torch_skip(name, prompt_len)
+        if skip:
+            entry["status"], entry["error"] = "skipped", skip
+        else:
+            guarded(entry, partial(slot.run, measure), deadline, device)
+        report["prefill"].append(entry)
         print(f"  {describe(entry)}", flush=True)
     runner_info = {"backend": name, "kind": "prefill", "mode": "eager"}
     report["runners"].append({**runner_info, "num_kv_blocks": num_blocks, **slot.info})
@@ -532,7 +571,7 @@ def case_label(case: str) -> str:
 
 def describe(entry: dict) -> str:
     if "case" in entry:
-        head = f"{entry['backend']} {entry['mode']} decode {case_label(entry['case'])}"
+        head = f"{entry['backend']} {mode_label(entry)} decode {case_label(entry['case'])}"
     else:
         head = f"{entry['backend']} prefill {short(entry['prompt_tokens'])}"
     if entry["status"] != "ok":
@@ -555,7 +594,7 @@ def print_tables(report: dict) -> None:
         f"{settings['warmup_steps']} warm-up steps; 'of roof' = roofline step time / measured"
     )
     print(
-        f"{'backend':<8} {'mode':<7} {'batch':<17} {'tok/s':>9} {'step ms':>8} "
+        f"{'backend':<8} {'mode':<8} {'batch':<17} {'tok/s':>9} {'step ms':>8} "
         f"{'roof ms':>8} {'of roof':>7} {'experts':>8}  note"
     )
     for e in report["decode"]:
@@ -566,7 +605,8 @@ def print_tables(report: dict) -> None:
                 f"{1e3 * e['roofline_step_seconds']:>8.2f} {e['roofline_fraction']:>7.2f} "
                 f"{e['active_experts_per_layer']:>7.1f}{e['active_experts_source'][0]}"
             )
-        print(f"{e['backend']:<8} {e['mode']:<7} {case_label(e['case']):<17} {figures}  {note(e)}")
+        label = mode_label(e)
+        print(f"{e['backend']:<8} {label:<8} {case_label(e['case']):<17} {figures}  {note(e)}")
     print("experts: distinct routed experts per layer per step (m measured, u uniform routing)")
     print(
         f"\nprefill: one prompt in {settings['chunk']}-token steps (eager), first step to "
@@ -608,8 +648,10 @@ def print_graph_gains(report: dict) -> None:
         for e in report["decode"]
         if e["status"] == "ok" and (e["cuda_graphs"] or e["mode"] == "eager")
     }
-    if any(e["mode"] == "graphs" and not e["cuda_graphs"] for e in report["decode"]):
-        print(f"\nno CUDA graphs on {report['settings']['device']}: 'graphs' rows ran eagerly")
+    if any(mode_label(e) == "no-graph" for e in report["decode"]):
+        print(
+            f"\nno CUDA graphs captured on {report['settings']['device']}: 'no-graph' rows ran eagerly"
+        )
     pairs = [
         (backend, case, rate / rates[(backend, "eager", case)])
         for (backend, mode, case), rate in rates.items()

@@ -172,6 +172,85 @@ def prefill_flops(costs: ModelCosts, prompt_len: int) -> int:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# W > 1: ESTIMATES (no multi-GPU run has measured them): per-rank weight bytes and collectives.
+
+COLLECTIVE_LATENCY_S = 12e-6
+"""ESTIMATE: one small NCCL collective on NVLink within a node (10-15 us)."""
+LINK_BYTES_PER_S = 450e9
+"""ESTIMATE: NVLink 4 per direction per GPU (H100/H200 SXM, 900 GB/s both ways)."""
+HBM_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}
+"""Datasheet HBM bandwidth (the measured copy rate is lower): ESTIMATE inputs only."""
+
+
+def rank_weight_bytes(model: torch.nn.Module, world: int, active_experts: float) -> float:
+    """Bytes of weights one rank reads per decode step at `world` ranks: attention heads and
+    the vocabulary split W ways, the dense MLP / shared experts / norms / routers whole
+    (replicated), and its share (1 / W) of the step's active routed experts."""
+    split, whole, experts = 0, 0, 0
+    for name, param in model.named_parameters():
+        size = param.numel() * param.element_size()
+        if ".experts." in f".{name}." and "shared" not in name:
+            experts += size
+        elif "self_attn" in name or "embed_tokens" in name or "lm_head" in name:
+            split += size
+        else:
+            whole += size
+    config = model.config
+    per_expert = experts / max(1, config.moe_num_experts)  # all MoE layers of one expert id
+    return split / world + whole + active_experts / world * per_expert
+
+
+def step_collectives(config, world: int, num_tokens: int, replicated: bool) -> tuple[int, int]:
+    """(collectives, bytes one rank sends) of one decode step (distributed/layout): the layers
+    plus the embedding's reduction, the logits gather and the sampled tokens' broadcast (and
+    the sharded layout's logits all-gather)."""
+    from ernie_cluster.distributed.layout import layer_traffic
+
+    calls, sent = 0, 0
+    for layer in range(config.num_hidden_layers):
+        traffic = layer_traffic(
+            replicated,
+            num_tokens,
+            world,
+            config.hidden_size,
+            config.moe_k,
+            config.is_moe_layer(layer),
+        )
+        calls, sent = calls + traffic.collectives, sent + traffic.bytes_sent
+    return calls + (3 if replicated else 4), sent
+
+
+def multi_rank_table(model: torch.nn.Module, gpu: str = "H200") -> list[dict]:
+    """ESTIMATED decode step per rank at W = 1, 2, 4 (before: token-sharded all-to-all; after:
+    replicated all-reduce), bandwidth roofline + collective latency + link time."""
+    config = model.config
+    costs = model_costs(model, torch.bfloat16)
+    rows = []
+    for batch in (1, 8, 64):
+        active = uniform_active_experts(costs, batch)
+        for world in (1, 2, 4):
+            hbm_s = rank_weight_bytes(model, world, active) / HBM_BYTES_PER_S[gpu]
+            for layout in ("sharded", "replicated") if world > 1 else ("single",):
+                calls, sent = step_collectives(config, world, batch, layout == "replicated")
+                if world == 1:
+                    calls, sent = 0, 0
+                comm_s = calls * COLLECTIVE_LATENCY_S + sent / LINK_BYTES_PER_S
+                rows.append(
+                    {
+                        "batch": batch,
+                        "world": world,
+                        "layout": layout,
+                        "collectives_per_step": calls,
+                        "bytes_sent_per_rank": sent,
+                        "estimated_weights_ms": 1e3 * hbm_s,
+                        "estimated_collectives_ms": 1e3 * comm_s,
+                        "estimated_step_ms": 1e3 * (hbm_s + comm_s),
+                    }
+                )
+    return rows
+
+
 if __name__ == "__main__":
     # The full preset's counts, from a model made on the meta device (no memory, no GPU).
     from ernie_cluster.checkpoints.presets import preset_config
@@ -185,3 +264,19 @@ if __name__ == "__main__":
     for batch in (1, 32, 64):
         print(f"batch {batch}: {uniform_active_experts(costs, batch):.1f} experts per layer")
     print(f"128K prefill: {prefill_flops(costs, 131072) / 1e15:.2f} PFLOP")
+    print(
+        "\nESTIMATES, not measurements (H200 datasheet HBM 4.8 TB/s, "
+        f"{COLLECTIVE_LATENCY_S * 1e6:.0f} us per collective, {LINK_BYTES_PER_S / 1e9:.0f} GB/s "
+        "NVLink): decode step per rank, bf16, uniform routing"
+    )
+    print(
+        f"{'batch':>5} {'W':>2} {'layout':<10} {'colls':>6} {'KB sent':>8} "
+        f"{'est weights ms':>14} {'est comm ms':>11} {'est step ms':>11}"
+    )
+    for row in multi_rank_table(full):
+        print(
+            f"{row['batch']:>5} {row['world']:>2} {row['layout']:<10} "
+            f"{row['collectives_per_step']:>6} {row['bytes_sent_per_rank'] / 1e3:>8.1f} "
+            f"{row['estimated_weights_ms']:>14.3f} {row['estimated_collectives_ms']:>11.3f} "
+            f"{row['estimated_step_ms']:>11.3f}"
+        )

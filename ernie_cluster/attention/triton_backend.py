@@ -1,6 +1,7 @@
 """The Triton paged-attention backend: the GPU counterpart of `TorchPagedAttention`.
 
-Owns the per-call plan only: write this step's K/V into the cache, then launch the decode
+Owns the per-call plan only: write this step's K/V into the cache (attention/triton_cache),
+then launch the decode
 kernel for rows [0, num_decodes) and the prefill kernel for the spans after them (a mixed step
 launches both into one output). Reads host ints from the metadata, never device values, so a
 step through it never waits on the GPU. Kernels live in attention/triton_decode and
@@ -11,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from ernie_cluster.attention.backend import write_kv
 from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.attention.triton_cache import write_kv_triton
 from ernie_cluster.attention.triton_decode import decode_attention
 from ernie_cluster.attention.triton_prefill import prefill_attention
-from ernie_cluster.triton_env import interpreting
 
 
 class TritonPagedAttention:
@@ -51,15 +51,14 @@ class TritonPagedAttention:
         num_heads, num_kv_heads = q.shape[1], kv_cache.shape[2]
         if num_heads % num_kv_heads:
             raise ValueError(f"{num_heads} query heads do not group over {num_kv_heads} kv heads")
-        write_kv(kv_cache, k, v, meta.slot_mapping)
+        write_kv_triton(kv_cache, k, v, meta.slot_mapping)
         if q.stride(-1) != 1:
             q = q.contiguous()  # the kernels index head_dim with unit stride
-        # NOTE: Triton's interpreter truncates fp32 -> bf16 when storing; there the kernels
-        # write fp32 and torch rounds to nearest, as a GPU store does.
-        out_dtype = torch.float32 if interpreting() else q.dtype
-        out = torch.empty(q.shape, dtype=out_dtype, device=q.device)  # [N, Hq, D]
+        # NOTE: the kernels round their float32 results to out's dtype themselves (the
+        # interpreter's own store would truncate), so out is q's dtype on every path.
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [N, Hq, D]
         if q.shape[0] == 0:
-            return out.to(q.dtype)
+            return out
         decode_attention(q, kv_cache, meta, scale, out, num_splits=self.decode_num_splits)
         prefill_attention(q, kv_cache, meta, scale, out)
-        return out.to(q.dtype)
+        return out

@@ -1,7 +1,9 @@
 """Triton prefill/extend attention over the paged KV cache: the spans after the decodes.
 
 Owns the kernel and launcher for a ragged batch of chunks, each causal among its own tokens
-and fully attending to its cached prefix. Every key, the chunk's own included, is read from
+and fully attending to its cached prefix. A program serves one kv head: its tile rows are the
+query heads of that KV group for a run of tokens (GQA packing), so each K/V tile is read once
+for the whole group, not once per query head. Every key, the chunk's own included, is read from
 the cache through the block table (the backend writes this step's K/V first), and the
 offset-causal mask is computed in the kernel; nothing is gathered or materialised per step.
 The grid is sized from host ints only, so launching never syncs with the device.
@@ -16,6 +18,7 @@ import triton.language as tl
 from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.attention.triton_decode import LOG2E
 from ernie_cluster.triton_env import dot_precision, interpreting
+from ernie_cluster.triton_rounding import rounded
 
 
 @triton.jit
@@ -91,33 +94,38 @@ def _prefill_kernel(
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows: BLOCK_Q tokens x NUM_QUERY_PER_KV heads, padded
+    BLOCK_Q: tl.constexpr,  # tokens per program
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     seq = num_decodes + tl.program_id(0)
-    head = tl.program_id(1)
+    kv_head = tl.program_id(1)
     m_block = tl.program_id(2)
 
     q_start = tl.load(query_start_loc_ptr + seq)
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     # The grid covers the longest span; shorter spans have nothing in their late tiles.
-    if m_block * BLOCK_M >= q_len:
+    if m_block * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + seq)
     prefix_len = seq_len - q_len
 
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows within the span
+    # GQA packing: row r of the tile is token r // G of the block and query head r % G of
+    # this kv head (G = NUM_QUERY_PER_KV), so the G heads share every K/V tile read.
+    rows = tl.arange(0, BLOCK_M)
+    offs_m = m_block * BLOCK_Q + rows // NUM_QUERY_PER_KV  # [BLOCK_M] tokens within the span
+    heads = kv_head * NUM_QUERY_PER_KV + rows % NUM_QUERY_PER_KV  # [BLOCK_M] query heads
     offs_d = tl.arange(0, BLOCK_D)
-    mask_m = offs_m < q_len
+    mask_m = (offs_m < q_len) & (rows < BLOCK_Q * NUM_QUERY_PER_KV)
     mask_d = offs_d < HEAD_DIM
     query_pos = prefix_len + offs_m  # absolute positions: query i sees keys <= its own
 
     q_ptrs = (
         q_ptr
         + (q_start + offs_m)[:, None].to(tl.int64) * stride_q_tok
-        + head * stride_q_head
+        + heads[:, None] * stride_q_head
         + offs_d[None, :]
     )
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)  # [BLOCK_M, D]
@@ -128,14 +136,14 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table_row = block_table_ptr + seq * stride_table_seq
-    kv_head_off = (head // NUM_QUERY_PER_KV) * stride_kv_head
+    kv_head_off = kv_head * stride_kv_head
 
     # Keys before the tile's first query position are visible to every row: no mask. The
     # rest, up to the tile's last query (or the context end), are masked causally. Both
     # ranges start at a key every row may see (0, or a position <= the first query's).
-    first_query_pos = prefix_len + m_block * BLOCK_M
+    first_query_pos = prefix_len + m_block * BLOCK_Q
     full_end = (first_query_pos // BLOCK_N) * BLOCK_N
-    causal_end = tl.minimum(first_query_pos + BLOCK_M, seq_len)
+    causal_end = tl.minimum(first_query_pos + BLOCK_Q, seq_len)
     for tile_start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row, kv_head_off,
@@ -153,19 +161,21 @@ def _prefill_kernel(
     out_ptrs = (
         out_ptr
         + (q_start + offs_m)[:, None].to(tl.int64) * stride_out_tok
-        + head * stride_out_head
+        + heads[:, None] * stride_out_head
         + offs_d[None, :]
     )
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+    out = rounded(acc, out_ptr.dtype.element_ty, UPCAST)
+    tl.store(out_ptrs, out, mask=mask_m[:, None] & mask_d[None, :])
 
 
 def prefill_tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) for one program. 64 x 64 keeps the Q, K and V tiles of D=128 in
-    bf16 at 16 KB each (80 KB of shared memory with the K/V pipeline, 185 registers at four
-    warps on sm_90); wider heads get narrower key tiles. fp32 runs exact (ieee) dots on
-    CUDA cores, whose 64 x 64 tiles spill heavily: it gets 32 x 32."""
+    """(BLOCK_M, BLOCK_N) for one program: BLOCK_M rows of (token, query head of the group).
+    64 x 64 keeps the Q, K and V tiles of D=128 in bf16 at 16 KB each (80 KB of shared memory
+    with the K/V pipeline); the launcher gives it eight warps (at four it spills on sm_80, per
+    the AOT compile test). Wider heads get narrower key tiles. fp32 runs exact (ieee) dots on
+    CUDA cores, whose tiles spill from 16 x 32 up: it gets 16 x 16."""
     if dtype == torch.float32:
-        return 32, 32
+        return 16, 16
     return (64, 64) if head_dim <= 128 else (64, 32)
 
 
@@ -185,10 +195,13 @@ def prefill_attention(
         return
     _, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
+    group = num_heads // num_kv_heads
     default_m, default_n = prefill_tiles(head_dim, kv_cache.dtype)
     block_m, block_n = block_m or default_m, block_n or default_n
+    block_m = max(block_m, triton.next_power_of_2(group))  # room for one token's heads
+    block_q = block_m // group  # tokens per program: their G heads fill the rows
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_slots, Hkv, D]
-    grid = (num_spans, num_heads, triton.cdiv(meta.max_prefill_query_len, block_m))
+    grid = (num_spans, num_kv_heads, triton.cdiv(meta.max_prefill_query_len, block_q))
     _prefill_kernel[grid](
         q,
         k_cache,
@@ -206,14 +219,15 @@ def prefill_attention(
         out.stride(0),
         out.stride(1),
         meta.block_table.stride(0),
-        NUM_QUERY_PER_KV=num_heads // num_kv_heads,
+        NUM_QUERY_PER_KV=group,
         PAGE_SIZE=meta.block_size,
         HEAD_DIM=head_dim,
         BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
         BLOCK_M=block_m,
+        BLOCK_Q=block_q,
         BLOCK_N=block_n,
         UPCAST=interpreting(),
         DOT_PRECISION=dot_precision(kv_cache.dtype),
-        num_warps=4,
+        num_warps=8 if block_m * block_n >= 64 * 64 else 4,
         num_stages=2,
     )

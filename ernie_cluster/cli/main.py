@@ -87,6 +87,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         help="run every step eagerly, without capturing CUDA graphs (debugging; saves the "
         "graphs' memory)",
     )
+    g.add_argument(
+        "--multi-rank-cuda-graphs",
+        action="store_true",
+        help="capture CUDA graphs at tensor-parallel size > 1 too (default: eager there until "
+        "a multi-GPU run has matched graphs to eager)",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -105,6 +111,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
+        "multi_rank_cuda_graphs": args.multi_rank_cuda_graphs,
     }
 
 

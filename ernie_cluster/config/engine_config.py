@@ -45,6 +45,10 @@ class EngineConfig:
     enforce_eager: bool = False
     """Run every step eagerly: no CUDA-graph capture of decode steps (debugging, or to save
     the graphs' memory)."""
+    multi_rank_cuda_graphs: bool = False
+    """Capture CUDA graphs also at tensor_parallel_size > 1. Off (steps run eagerly there) until
+    a multi-GPU run has replayed a W = 2 graph with its NCCL collectives and matched eager
+    (benchmarks/device_check.sh)."""
     enable_prefix_caching: bool = True
     seed: int = 0
     """Seed of the default generator used by requests that give no seed."""

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from ernie_cluster.distributed.layout import ring_all_reduce_bytes
+
 # NOTE: torch 2.13 renamed all_gather_into_tensor and reduce_scatter_tensor; older releases
 # (the GPU image) lack the new names. Both take (output, input, ...).
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -30,6 +32,7 @@ class Communicator:
             "reduce_scatter": 0,
             "all_to_all": 0,
             "all_to_all_padded": 0,
+            "all_reduce": 0,
         }
         # ... and counted on the device where the count is a device value (0-dim int64, made
         # on first use); added to in place, so CUDA-graph replays count too.
@@ -87,9 +90,12 @@ class Communicator:
         return out
 
     def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
-        """Reduce `x` across ranks in place (sum by default) and return it."""
+        """Reduce `x` across ranks in place (sum by default) and return it. Counted as a
+        ring all-reduce sends: 2 (W - 1) / W of the payload (distributed/layout)."""
         if self.world_size > 1:
             dist.all_reduce(x, op=op)
+            payload = x.numel() * x.element_size()
+            self._host_bytes["all_reduce"] += ring_all_reduce_bytes(payload, self.world_size)
         return x
 
     def all_to_all_fixed(

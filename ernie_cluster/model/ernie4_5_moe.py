@@ -2,11 +2,13 @@
 model).
 
 Input is the step's tokens flattened across sequences: `input_ids` [N], `positions` [N] and an
-`AttentionMetadata`. Between layers the residual stream is sharded by TOKENS: rank r holds
-rows [r*n, (r+1)*n) of the batch padded to W*n, so each token is routed to its experts once.
-Attention all-gathers the normed rows, runs this rank's heads and reduce-scatters the partial
-o_proj sums. Embedding and lm_head are split over the vocabulary. With one rank every
-collective is an identity and the numerics are those of the reference implementation.
+`AttentionMetadata`. At W > 1 a step runs one of two exact layouts (distributed/layout):
+replicated (small steps: every rank holds every row; attention's partial o_proj sums and the
+MLP block's partial outputs are each summed by one all-reduce, 2 collectives per layer) or
+sharded by TOKENS (rank r holds rows [r*n, (r+1)*n) of the batch padded to W*n; attention
+all-gathers and reduce-scatters, the MoE exchanges pairs all-to-all). Embedding and lm_head
+are split over the vocabulary. With one rank every collective is an identity and the numerics
+are those of the reference implementation.
 Module names mirror the checkpoint's so a weight name greps to its module.
 """
 
@@ -20,6 +22,7 @@ from ernie_cluster.attention.backend import AttentionBackend, TorchPagedAttentio
 from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import SINGLE_RANK, Communicator
+from ernie_cluster.distributed.layout import choose_replicated
 from ernie_cluster.model.attention import Ernie4_5_MoeAttention
 from ernie_cluster.model.layers import InterleavedRotaryEmbedding, RMSNorm, SwiGLUMLP
 from ernie_cluster.model.moe import Ernie4_5_MoeSparseMoeBlock
@@ -52,6 +55,42 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
             else SwiGLUMLP(config.hidden_size, config.intermediate_size, dtype)
         )
 
+    def _forward_replicated(
+        self,
+        cos_sin: torch.Tensor,
+        hidden: torch.Tensor,
+        meta: AttentionMetadata,
+        is_real: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """hidden [N, H]: every token row, the same bits on every rank -> [N, H]. One
+        all-reduce sums attention's partial o_proj, one the MLP block's partial outputs."""
+        attn = self.self_attn(cos_sin, self.input_layernorm(hidden), meta)  # [N, H] partial
+        attn = self.comm.all_reduce(attn)
+        normed, hidden = self.post_attention_layernorm.add_and_norm(attn, hidden)  # one kernel
+        return hidden + self.comm.all_reduce(self._mlp_partial(normed, is_real))
+
+    def _mlp_partial(self, normed: torch.Tensor, is_real: torch.Tensor | None) -> torch.Tensor:
+        """normed [N, H] on every rank -> this rank's share of the MLP block's output [N, H]:
+        its own experts' slots of every token (every rank routes every token identically, so
+        nothing is dispatched), plus the replicated shared-expert / dense MLP on its block of
+        rows (the all-reduce sums each row's block from exactly one rank)."""
+        num_tokens = normed.shape[0]
+        per_rank = -(-num_tokens // self.comm.world_size)
+        start = min(self.comm.rank * per_rank, num_tokens)
+        stop = min(start + per_rank, num_tokens)
+        if not self.is_moe:
+            out = torch.zeros_like(normed)
+            out[start:stop] = self.mlp(normed[start:stop])
+            return out
+        block = self.mlp
+        expert_ids, weights = block.gate(normed)  # [N, k] each
+        if is_real is not None:  # CUDA-graph padding takes no expert
+            expert_ids = torch.where(is_real[:, None], expert_ids, -1)
+        out = block.experts.forward_pairs(normed, expert_ids, weights)  # [N, H], own experts
+        if block.shared_experts is not None:
+            out[start:stop] += block.shared_experts(normed[start:stop])
+        return out
+
     def forward(
         self,
         cos_sin: torch.Tensor,
@@ -59,18 +98,24 @@ class Ernie4_5_MoeDecoderLayer(nn.Module):
         meta: AttentionMetadata,
         num_valid: int,
         is_real: torch.Tensor | None = None,
+        replicated: bool = False,
     ) -> torch.Tensor:
         """cos_sin [N, 2, D/2]: RoPE rows of all N tokens; hidden [n, H]: this rank's token rows
         (the first `num_valid` are tokens of the batch); is_real [n] bool or None: which of them
-        are not CUDA-graph padding (padding is routed to no expert)."""
+        are not CUDA-graph padding (padding is routed to no expert). `replicated`: hidden is
+        every row [N, H] on every rank (see the module docstring)."""
+        if replicated:
+            return self._forward_replicated(cos_sin, hidden, meta, is_real)
         num_tokens = cos_sin.shape[0]
         normed = self.comm.all_gather_rows(self.input_layernorm(hidden))[:num_tokens]  # [N, H]
         attn = self.self_attn(cos_sin, normed, meta)  # [N, H] partial over heads
         padding = self.comm.pad_rows(num_tokens) - num_tokens
         if padding:
             attn = F.pad(attn, (0, 0, 0, padding))
-        hidden = hidden + self.comm.reduce_scatter_rows(attn)  # [n, H]
-        normed = self.post_attention_layernorm(hidden)
+        # [n, H] each: the residual add and the norm, one kernel on the GPU path
+        normed, hidden = self.post_attention_layernorm.add_and_norm(
+            self.comm.reduce_scatter_rows(attn), hidden
+        )
         extra = {}
         if self.is_moe:
             real = None if is_real is None else is_real[:num_valid]
@@ -141,6 +186,10 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         # Set by set_num_real_tokens (decode CUDA graphs): rows past it are padding.
         self.mask_padding = False
+        # distributed/layout: "auto" picks by step size; tests and benchmarks force one.
+        self.collective_layout = "auto"
+        # The layout of the last forward (or graph replay): compute_logits reads its rows.
+        self.step_replicated = False
         self.register_buffer("num_real_tokens", torch.zeros((), dtype=torch.long), persistent=False)
         self.lm_head = (
             None
@@ -164,13 +213,30 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             layer.self_attn.kv_cache = cache
 
-    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """input_ids [N] -> this rank's token rows [n, H] of the embeddings."""
+    def replicated_layout(self, num_tokens: int) -> bool:
+        """Whether a step of `num_tokens` tokens keeps every row on every rank (W > 1)."""
+        if self.comm.world_size == 1:
+            return False
+        cfg = self.config
+        return choose_replicated(
+            num_tokens,
+            self.comm.world_size,
+            cfg.hidden_size,
+            cfg.moe_k,
+            bool(cfg.moe_layer_ids),
+            self.collective_layout,
+        )
+
+    def _embed(self, input_ids: torch.Tensor, replicated: bool = False) -> torch.Tensor:
+        """input_ids [N] -> this rank's token rows [n, H] of the embeddings ([N, H] when
+        `replicated`)."""
         if self.comm.world_size == 1:
             return F.embedding(input_ids, self.embed_tokens)
         in_range = (input_ids >= self.vocab_start) & (input_ids < self.vocab_stop)
         local_ids = (input_ids - self.vocab_start).clamp(0, self.embed_tokens.shape[0] - 1)
         partial = F.embedding(local_ids, self.embed_tokens) * in_range.unsqueeze(-1)  # [N, H]
+        if replicated:
+            return self.comm.all_reduce(partial)
         padding = self.comm.pad_rows(input_ids.shape[0]) - input_ids.shape[0]
         return self.comm.reduce_scatter_rows(F.pad(partial, (0, 0, 0, padding)))
 
@@ -182,10 +248,23 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        """input_ids [N], positions [N] -> this rank's final-normed token rows [n, H]."""
-        num_valid = self.num_local_valid(input_ids.shape[0])
-        hidden = self._embed(input_ids)
+        """input_ids [N], positions [N] -> this rank's final-normed token rows [n, H] (every
+        row [N, H] in the replicated layout, see `step_replicated`)."""
+        num_tokens = input_ids.shape[0]
+        replicated = self.replicated_layout(num_tokens)
+        self.step_replicated = replicated
         cos_sin = self.rotary.cos_sin(positions)  # [N, 2, D/2], shared by every layer
+        if replicated:
+            hidden = self._embed(input_ids, replicated=True)  # [N, H]
+            is_real = None
+            if self.mask_padding:
+                rows = torch.arange(num_tokens, device=hidden.device)
+                is_real = rows < self.num_real_tokens  # [N]
+            for layer in self.layers:
+                hidden = layer(cos_sin, hidden, meta, num_tokens, is_real, replicated=True)
+            return self.norm(hidden)
+        num_valid = self.num_local_valid(num_tokens)
+        hidden = self._embed(input_ids)
         is_real = None
         if self.mask_padding:
             # This rank's rows are global rows [rank * n, rank * n + n).
@@ -204,7 +283,10 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if self.comm.world_size == 1:
             return F.linear(hidden[sample_rows], head).float()
-        selected = self.comm.all_gather_rows(hidden)[sample_rows]  # [B, H]
+        if self.step_replicated:
+            selected = hidden[sample_rows]  # [B, H]: every row is here
+        else:
+            selected = self.comm.all_gather_rows(hidden)[sample_rows]  # [B, H]
         local = F.linear(selected, head).float()  # [B, V_local]
         if local.shape[1] < self.vocab_per_rank:
             local = F.pad(local, (0, self.vocab_per_rank - local.shape[1]), value=float("-inf"))

@@ -1,12 +1,12 @@
 """Routed experts without host syncs: (token, slot) pairs sorted by expert on the device, grouped
 GEMMs for gate_up and down with SiLU·mul between them, and a float32 combine in slot order.
 
-Owns the pair sort, the alignment of sorted pairs to per-expert tiles (for the Triton kernels in
-`triton_moe`), the torch paths (torch._grouped_mm, and the old per-expert loop as an opt-in)
-and the choice between them. Only the opt-in "loop" method reads a device tensor on the host
-or issues ops that depend on the routing; the others run the same ops for any routing, so a
-step can be captured as a CUDA graph or compiled whole. `python -m ernie_cluster.model.fused_moe`
-times the methods on this machine.
+Owns the pair sort, the alignment of sorted pairs to per-expert tiles (the torch reference of
+`triton_router.sort_to_tiles`, which the Triton path runs), the torch paths (torch._grouped_mm,
+and the old per-expert loop as an opt-in) and the choice between them. Only the opt-in "loop"
+method reads a device tensor on the host or issues ops that depend on the routing; the others
+run the same ops for any routing, so a step can be captured as a CUDA graph or compiled whole.
+`python -m ernie_cluster.model.fused_moe` times the methods on this machine.
 """
 
 from __future__ import annotations
@@ -123,10 +123,15 @@ def fused_experts(
     expert_start: int,
     method: str = "auto",
     all_owned: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    expert_counts: torch.Tensor | None = None,
+    add_to: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """x [M, H], topk_ids [M, k] global ids, topk_weights [M, k] or None (weight 1), gate_up
     [E, 2I, H] (gate rows first), down [E, H, I] for experts [expert_start, expert_start + E)
-    -> (out [M, H] in x's dtype, pairs routed to each local expert [E] int64).
+    -> (out [M, H] in x's dtype, pairs routed to each local expert [E] int64). Given
+    `expert_counts` [E] int64, those counts are added into it instead (the second result is
+    None); given `add_to` [M, H], it is added to out (the shared experts' rows): on the Triton
+    path both fold into kernels the step runs anyway.
 
     out[m] = sum over slots j owned here of w[m, j] * expert(x[m]): the expert output and its
     product with the weight each rounded to x's dtype, the products summed in float32 in slot
@@ -138,17 +143,11 @@ def fused_experts(
     num_tokens, top_k = topk_ids.shape
     num_local = gate_up.shape[0]
     method = resolve_method(method, x, gate_up)
-    local, order, counts = sort_pairs(topk_ids, expert_start, num_local)
     if method == "triton":
-        from ernie_cluster.model import triton_moe
-
-        config = triton_moe.pick_config(order.numel(), num_local)
-        tile_pairs, tile_experts = align_to_tiles(local, order, counts, config.block_m)
-        weighted = triton_moe.run_experts(
-            x, tile_pairs, tile_experts, topk_weights, gate_up, down, top_k, config
-        )  # [P, H], zero for pairs not owned here
-        return sum_slots(weighted.view(num_tokens, top_k, x.shape[1]), x.dtype), counts[:num_local]
-
+        return _triton_experts(
+            x, topk_ids, topk_weights, gate_up, down, expert_start, all_owned, expert_counts, add_to
+        )
+    local, order, counts = sort_pairs(topk_ids, expert_start, num_local)
     rows = x.index_select(0, order // top_k)  # [P, H] grouped by expert, not-owned last
     if method == "grouped_mm":
         sorted_out = _grouped_mm_swiglu(rows, gate_up, down, counts[:num_local])
@@ -164,7 +163,50 @@ def fused_experts(
         # selected away rather than multiplied by a zero weight.
         owned = (local < num_local).view(num_tokens, top_k, 1)
         weighted = torch.where(owned, weighted, 0.0)
-    return sum_slots(weighted, x.dtype), counts[:num_local]
+    out = sum_slots(weighted, x.dtype)
+    if add_to is not None:
+        out = out + add_to
+    if expert_counts is None:
+        return out, counts[:num_local]
+    expert_counts += counts[:num_local]
+    return out, None
+
+
+def _triton_experts(
+    x: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    expert_start: int,
+    all_owned: bool,
+    expert_counts: torch.Tensor | None,
+    add_to: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """fused_experts on the Triton path: four launches whatever the routing (sort into tiles,
+    gate_up, down with the routing weights, combine with the slot sum and add_to)."""
+    from ernie_cluster.model import triton_moe, triton_router
+
+    num_tokens, top_k = topk_ids.shape
+    num_local = gate_up.shape[0]
+    num_pairs = num_tokens * top_k
+    config = triton_moe.pick_config(num_pairs, num_local)
+    counts = expert_counts
+    if counts is None:
+        counts = torch.zeros(num_local, dtype=torch.int64, device=x.device)
+    num_tiles = max_tiles(num_pairs, num_local, config.block_m)
+    if num_pairs == 0:
+        return x.new_empty(x.shape), (None if expert_counts is not None else counts)
+    tile_pairs, tile_experts = triton_router.sort_to_tiles(
+        topk_ids, expert_start, num_local, config.block_m, num_tiles, counts
+    )
+    weighted = triton_moe.run_experts(
+        x, tile_pairs, tile_experts, topk_weights, gate_up, down, top_k, config
+    )  # [P, H]; rows of pairs not owned here unset
+    out = triton_router.combine(
+        weighted, topk_ids, expert_start, num_local, x.dtype, all_owned, add_to
+    )
+    return out, (None if expert_counts is not None else counts)
 
 
 @torch.library.custom_op("ernie_cluster::grouped_mm", mutates_args=(), device_types="cpu")

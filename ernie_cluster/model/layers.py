@@ -2,6 +2,8 @@
 
 All tensors are flat token batches: [num_tokens, hidden]. Numerics follow the reference
 implementation exactly (float32 normalisation and rotary math, cast back before the weight).
+Each block's `method` picks the torch ops (the CPU path) or one fused Triton kernel
+(model/triton_layers, the GPU path); see `use_triton`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_cluster.model.triton_moe import is_available as triton_available
 from ernie_cluster.model.weights import WeightTarget, rows, whole
+
+KERNEL_METHODS = ("auto", "torch", "triton")
+"""auto: the Triton kernels for CUDA tensors (when triton imports), torch ops elsewhere.
+torch: always the torch ops. triton: always the kernels (on CPU tensors only under
+TRITON_INTERPRET=1: tests and kernel counts of the GPU path)."""
+
+
+def use_triton(method: str, x: torch.Tensor) -> bool:
+    """Whether a block set to `method` runs its Triton kernel on `x`."""
+    if method == "auto":
+        return x.is_cuda and triton_available()
+    if method not in KERNEL_METHODS:
+        raise ValueError(f"unknown kernel method {method!r}; expected one of {KERNEL_METHODS}")
+    return method == "triton"
 
 
 class RMSNorm(nn.Module):
@@ -18,8 +35,24 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size, dtype=dtype), requires_grad=False)
         self.eps = eps
+        self.method = "auto"  # KERNEL_METHODS
+
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual): one kernel on the Triton path."""
+        if use_triton(self.method, x):
+            from ernie_cluster.model.triton_layers import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
+        total = residual + x
+        return self(total), total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.method, x):
+            from ernie_cluster.model.triton_layers import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # NOTE: normalise in float32, cast back, THEN scale: the order matters in bfloat16.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -39,6 +72,7 @@ class InterleavedRotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)  # [D/2]
         self.register_buffer("cos_sin_cache", self._table(max_positions), persistent=False)
+        self.method = "auto"  # KERNEL_METHODS
 
     def _table(self, num_positions: int) -> torch.Tensor:
         """[P, 2, D/2] float32 cos (index 0) and sin (index 1) of positions [0, P)."""
@@ -65,6 +99,11 @@ class InterleavedRotaryEmbedding(nn.Module):
         self, cos_sin: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # cos_sin [N, 2, D/2] from `cos_sin`; q [N, Hq, D]; k [N, Hkv, D]
+        if use_triton(self.method, q):
+            from ernie_cluster.model.triton_layers import rope_inplace
+
+            # NOTE: rotates q and k where they lie (views of the qkv projection): one launch.
+            return rope_inplace(cos_sin, q, k)
         cos = cos_sin[:, None, 0]  # [N, 1, D/2]
         sin = cos_sin[:, None, 1]
         return self._rotate(q, cos, sin), self._rotate(k, cos, sin)
@@ -103,8 +142,13 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Parameter(
             torch.empty(hidden_size, intermediate_size, dtype=dtype), requires_grad=False
         )
+        self.method = "auto"  # KERNEL_METHODS: SiLU·mul as one kernel or two torch ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.method, x):
+            from ernie_cluster.model.triton_layers import silu_and_mul
+
+            return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
         gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [N, I] each
         return F.linear(F.silu(gate) * up, self.down_proj)
 

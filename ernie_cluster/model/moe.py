@@ -1,7 +1,8 @@
 """The ERNIE-4.5 mixture-of-experts FFN: float32 router, grouped experts, shared experts.
 
 Routing: softmax over float32 router logits; top-k chosen on (probabilities + correction
-bias); combine weights are the UNBIASED probabilities of the chosen experts, renormalised.
+bias); combine weights are the UNBIASED probabilities of the chosen experts, renormalised (one
+Triton kernel on the GPU path, model/triton_router).
 Experts run grouped without host syncs (model/fused_moe): (token, slot) pairs are sorted by
 expert on the device and go through grouped GEMMs. This module holds this rank's experts
 [expert_start, expert_stop); `forward_pairs` takes rows with their routing, wherever they came
@@ -18,7 +19,7 @@ from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.distributed.expert_dispatch import dispatch_combine
 from ernie_cluster.model.fused_moe import fused_experts
-from ernie_cluster.model.layers import SwiGLUMLP
+from ernie_cluster.model.layers import SwiGLUMLP, use_triton
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.model.weights import WeightTarget, elsewhere, whole
 
@@ -35,13 +36,24 @@ class Ernie4_5_MoeRouter(nn.Module):
         self.e_score_correction_bias = nn.Parameter(
             torch.zeros(1, config.moe_num_experts, dtype=torch.float32), requires_grad=False
         )
+        self.method = "auto"  # layers.KERNEL_METHODS
 
-    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [N, H] -> (expert ids [N, k] int64, combine weights [N, k] in hidden's dtype)."""
+    def forward(
+        self, hidden: torch.Tensor, is_real: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [N, H], is_real [N] bool or None -> (expert ids [N, k] int64, -1 on rows
+        that are not real; combine weights [N, k] in hidden's dtype)."""
+        if use_triton(self.method, hidden):
+            from ernie_cluster.model.triton_router import route
+
+            bias = self.e_score_correction_bias[0]
+            return route(hidden, self.weight, bias, self.top_k, self.norm_min, is_real)
         probs = F.softmax(F.linear(hidden.float(), self.weight), dim=-1)  # [N, E] float32
         _, expert_ids = torch.topk(probs + self.e_score_correction_bias[0], self.top_k, dim=-1)
         weights = probs.gather(-1, expert_ids)  # [N, k], unbiased
         weights = weights / weights.sum(-1, keepdim=True).clamp(min=self.norm_min)
+        if is_real is not None:
+            expert_ids = torch.where(is_real[:, None], expert_ids, -1)
         return expert_ids, weights.to(hidden.dtype)
 
 
@@ -76,16 +88,18 @@ class Ernie4_5_MoeExperts(nn.Module):
         topk_ids: torch.Tensor,
         topk_weights: torch.Tensor | None,
         all_owned: bool = False,
+        add_to: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x [M, H], topk_ids [M, k] global expert ids, topk_weights [M, k] or None (weight 1)
-        -> [M, H]: out[m] = sum over slots j of w[m, j] * expert_{ids[m, j]}(x[m]).
-        `all_owned` promises every id is an expert held here (one rank, router output).
+        -> [M, H]: out[m] = sum over slots j of w[m, j] * expert_{ids[m, j]}(x[m]), plus
+        add_to[m] when given. `all_owned` promises every id is an expert held here (one
+        rank, router output).
 
         Slots whose id is -1 or not owned by this rank add nothing (and cost no GEMM work). The
         sum runs in float32 in slot order, then casts to x's dtype. No host sync (see
         fused_moe for the opt-in exception), and the same ops whatever the routing.
         """
-        out, counts = fused_experts(
+        out, _ = fused_experts(
             x,
             topk_ids,
             topk_weights,
@@ -94,8 +108,9 @@ class Ernie4_5_MoeExperts(nn.Module):
             self.expert_start,
             self.method,
             all_owned=all_owned,
+            expert_counts=self.tokens_per_expert[self.expert_start : self.expert_stop],
+            add_to=add_to,
         )
-        self.tokens_per_expert[self.expert_start : self.expert_stop] += counts
         return out
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
@@ -145,23 +160,24 @@ class Ernie4_5_MoeSparseMoeBlock(nn.Module):
         the most tokens any rank holds this step (a host int, equal on every rank); given, the
         expert-parallel exchange needs no host sync (see distributed/expert_dispatch).
         `is_real` [n] bool: rows that are not CUDA-graph padding; padding takes no expert."""
-        expert_ids, weights = self.gate(hidden)
-        if is_real is not None:
-            expert_ids = torch.where(is_real[:, None], expert_ids, -1)
+        expert_ids, weights = self.gate(hidden, is_real)
         if self.comm.world_size == 1:
             # Every expert is here; router ids are all real ones unless padding was masked.
+            # The shared experts' output is added by the routed experts' combine.
             all_owned = is_real is None
-            out = self.experts.forward_pairs(hidden, expert_ids, weights, all_owned=all_owned)
-        else:
-            out = dispatch_combine(
-                hidden,
-                expert_ids,
-                weights,
-                self.experts.forward_pairs,
-                self.experts_per_rank,
-                self.comm,
-                max_local_tokens=max_local_tokens,
+            shared = None if self.shared_experts is None else self.shared_experts(hidden)
+            return self.experts.forward_pairs(
+                hidden, expert_ids, weights, all_owned=all_owned, add_to=shared
             )
+        out = dispatch_combine(
+            hidden,
+            expert_ids,
+            weights,
+            self.experts.forward_pairs,
+            self.experts_per_rank,
+            self.comm,
+            max_local_tokens=max_local_tokens,
+        )
         if self.shared_experts is not None:
             out = out + self.shared_experts(hidden)
         return out

@@ -3,9 +3,9 @@
 Owns two kernels and their launcher. `gate_up` reads each tile's token rows straight from x,
 multiplies by the tile's expert gate and up weights and writes silu(gate) * up; `down` multiplies
 that by the expert's down weights and writes each pair's output times its routing weight to the
-pair's own row (the k slots of a token are added afterwards, in order, by fused_moe). The tile
-layout comes from `fused_moe.align_to_tiles`. Triton is imported only here and only when a
-kernel is first used, so the package imports without it.
+pair's own row (`triton_router.combine` adds the k slots of a token afterwards, in order). The
+tile layout comes from `triton_router.sort_to_tiles` (or `fused_moe.align_to_tiles`). Triton
+is imported only when a kernel is first used, so the package imports without it.
 """
 
 from __future__ import annotations
@@ -64,6 +64,16 @@ def shared_memory_bytes(block_m: int, kernel: KernelConfig, num_b_tiles: int, it
         block_m * kernel.block_k + num_b_tiles * kernel.block_k * kernel.block_n
     ) * itemsize
     return per_stage * kernel.num_stages
+
+
+def for_operands(kernel: KernelConfig, wide: bool, accumulators: int) -> KernelConfig:
+    """The table's config for 2-byte operands, or its float32 (`wide`) variant. NOTE: float32
+    (tests, debugging) runs exact (ieee) dots on CUDA cores, whose registers the 2-byte tiles
+    overflow (spills found by the AOT compile test on sm_80 and sm_90): K steps by 16, the
+    tile keeps 64 accumulator columns in all (gate_up has two accumulators) and two stages."""
+    if not wide:
+        return kernel
+    return KernelConfig(min(kernel.block_n, 64 // accumulators), 16, kernel.num_warps, 2)
 
 
 @functools.cache
@@ -225,7 +235,8 @@ def run_experts(
 ) -> torch.Tensor:
     """x [M, H], tiles from `align_to_tiles(block_m=config.block_m)`, topk_weights [M, k] or
     None, gate_up [E, 2I, H], down [E, H, I] -> [M * k, H] in x's dtype (float32 when
-    interpreted): w * expert(x) per owned pair, zero for pairs not owned here."""
+    interpreted): w * expert(x) per owned pair; rows of pairs not owned here are left unset
+    (`combine` skips them)."""
     gate_up_kernel, down_kernel, interpreted = _kernels()
     num_pairs = x.shape[0] * top_k
     hidden, inter = x.shape[1], down.shape[2]
@@ -237,15 +248,13 @@ def run_experts(
     # in-kernel roundings to act's dtype into no-ops. float32 operands get exact (not TF32) dots.
     upcast = interpreted
     act_dtype = torch.float32 if upcast else x.dtype
-    out = torch.zeros(num_pairs, hidden, dtype=act_dtype, device=x.device)
+    out = torch.empty(num_pairs, hidden, dtype=act_dtype, device=x.device)
     if num_tiles == 0:
         return out
     act = torch.empty(num_tiles * block_m, inter, dtype=act_dtype, device=x.device)
     precision = "ieee" if upcast else dot_precision(x.dtype)
-    # The table is sized for 2-byte operands; float32 ones (tests, debugging) would need twice
-    # the shared memory per stage, so they get the fewest stages.
     wide = x.element_size() > 2
-    cfg = config.gate_up
+    cfg = for_operands(config.gate_up, wide, accumulators=2)
     gate_up_kernel[(num_tiles, -(-inter // cfg.block_n))](
         x,
         gate_up,
@@ -267,10 +276,10 @@ def run_experts(
         UPCAST=upcast,
         PRECISION=precision,
         num_warps=cfg.num_warps,
-        num_stages=2 if wide else cfg.num_stages,
+        num_stages=cfg.num_stages,
     )
     weights = out if topk_weights is None else topk_weights.reshape(-1).contiguous()
-    cfg = config.down
+    cfg = for_operands(config.down, wide, accumulators=1)
     down_kernel[(num_tiles, -(-hidden // cfg.block_n))](
         act,
         down,
@@ -293,6 +302,6 @@ def run_experts(
         UPCAST=upcast,
         PRECISION=precision,
         num_warps=cfg.num_warps,
-        num_stages=2 if wide else cfg.num_stages,
+        num_stages=cfg.num_stages,
     )
     return out

@@ -20,10 +20,11 @@ def apply_grammar_bitmask(
     position = {req_id: row for row, req_id in enumerate(sample_ids)}
     rows = [position[req_id] for req_id in grammar.request_ids]
     num_rows, num_words = logits.shape[0], grammar.bitmask.shape[1]
-    # NOTE: xgrammar indexes the bitmask and the logits with the same row ids, so the G rows
-    # are spread into an all-allowed [S, W] mask first (one small host tensor).
+    # NOTE: the G rows are spread into an all-allowed [S, W] mask (one small host tensor,
+    # uploaded pinned) applied to every row: with `indices`, xgrammar would copy that list to
+    # the device from pageable memory, a hidden sync.
     full = torch.full((num_rows, num_words), -1, dtype=torch.int32)  # [S, W]
     full[rows] = grammar.bitmask
     if logits.device.type != "cpu":
         full = full.pin_memory().to(logits.device, non_blocking=True)
-    xgrammar.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1], indices=rows)
+    xgrammar.apply_token_bitmask_inplace(logits, full, vocab_size=logits.shape[1])

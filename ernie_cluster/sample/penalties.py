@@ -16,17 +16,8 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from ernie_cluster.sample.sampling_state import SamplingState
+from ernie_cluster.sample.sampling_state import SamplingState, has_penalties
 from ernie_cluster.sample.upload import Slot, StepUpload
-from ernie_cluster.sampling_params import SamplingParams
-
-
-def has_penalties(params: SamplingParams) -> bool:
-    return (
-        params.repetition_penalty != 1.0
-        or params.frequency_penalty != 0.0
-        or params.presence_penalty != 0.0
-    )
 
 
 @dataclass(frozen=True)
@@ -37,7 +28,11 @@ class Penalties:
     """[P] rows with a penalty; None: every row."""
     num_rows: int
     output_ids: Slot | None
-    """[P, Lo] output token ids per row, -1 padded; None: no row has output yet."""
+    """[P, Lo] output token ids per row, -1 padded, uploaded; None: none uploaded (no row has
+    output yet, or every row's outputs are on the device already)."""
+    outputs_on_device: tuple[torch.Tensor, ...]
+    """[P] per row its output ids kept on the device (sampling_state.record_sampled); empty
+    when uploaded or absent."""
     repetition: Slot | None
     """[P] repetition penalties; None when no row has one (the same for the two below)."""
     frequency: Slot | None
@@ -76,9 +71,21 @@ class Penalties:
             else:
                 host_prompts[j] = state.prompt_token_ids
         prompt_ids = _padded(host_prompts, vocab_size)  # [P, Lp] or None
-        output_ids = _padded([s.output_token_ids for s in picked], vocab_size)  # [P, Lo]
+        kept = [s.output_ids_on(device) for s in picked]
+        outputs_on_device: tuple[torch.Tensor, ...] = ()
+        output_ids = None
+        if all(t is not None for t in kept):  # no upload: the history lives on the device
+            if any(t.numel() for t in kept):
+                outputs_on_device = tuple(kept)
+        else:
+            output_ids = _padded([s.output_token_ids for s in picked], vocab_size)  # [P, Lo]
         if any(r != 1.0 for r in repetition):
-            has_seen = np.array([t.numel() > 0 for t in on_device])
+            has_seen = np.array(
+                [
+                    t.numel() > 0 or len(s.output_token_ids) > 0
+                    for t, s in zip(on_device, picked, strict=True)
+                ]
+            )
             for block in (prompt_ids, output_ids):
                 if block is not None:
                     has_seen |= (block >= 0).any(axis=1)
@@ -94,6 +101,7 @@ class Penalties:
             rows=None if len(rows) == len(states) else upload.ints(rows),
             num_rows=len(rows),
             output_ids=None if output_ids is None else upload.ints(output_ids.reshape(-1)),
+            outputs_on_device=outputs_on_device,
             repetition=upload.floats(repetition) if uses_repetition else None,
             frequency=upload.floats(frequency) if any(f != 0.0 for f in frequency) else None,
             presence=upload.floats(presence) if any(p != 0.0 for p in presence) else None,
@@ -112,6 +120,9 @@ class Penalties:
         outputs = None
         if self.output_ids is not None:
             outputs = upload[self.output_ids].view(num_rows, -1)  # [P, Lo]
+        elif self.outputs_on_device:
+            kept = list(self.outputs_on_device)
+            outputs = pad_sequence(kept, batch_first=True, padding_value=-1)  # [P, Lo]
 
         if self.repetition is not None:
             blocks = []  # [P, *] id blocks, -1 padded

@@ -6,8 +6,9 @@ writing its K/V into a spare sink block that no request owns, attending to that 
 the rows the caller samples are always real ones. Padding rows take no expert (the model's
 `num_real_tokens` buffer, set before each replay), so expert-load statistics count only real
 tokens. Steps with a prefill chunk, or more decodes
-than the largest bucket, run eagerly. At W > 1 every rank captures the same buckets in the same
-order, so the NCCL collectives inside the graphs line up.
+than the largest bucket, go to the piecewise graphs (worker/piecewise_graphs) or run eagerly.
+At W > 1 every rank captures the same buckets in the same order, so the NCCL collectives
+inside the graphs line up (captured only with multi_rank_cuda_graphs, see model_runner).
 
 Attention kernels size their launch grids from host facts; captured graphs see the bound
 `max_model_len` as every sequence's host length, while the device tensors carry the real ones.
@@ -34,6 +35,14 @@ def batch_buckets(max_num_seqs: int) -> list[int]:
     sizes += list(range(320, max(max_num_seqs, 320) + 1, 64))
     buckets = sorted({s for s in sizes if s < max_num_seqs} | {max_num_seqs})
     return buckets
+
+
+def smallest_bucket(buckets: list[int], size: int) -> int | None:
+    """The first of the ascending `buckets` that holds `size`, or None when none does."""
+    for bucket in buckets:
+        if bucket >= size:
+            return bucket
+    return None
 
 
 @dataclass
@@ -130,10 +139,7 @@ class DecodeGraphs:
         return graphs
 
     def bucket_for(self, num_seqs: int) -> int | None:
-        for size in self.buckets:
-            if size >= num_seqs:
-                return size
-        return None
+        return smallest_bucket(self.buckets, num_seqs)
 
     def run(self, inputs: StepInputs) -> torch.Tensor | None:
         """The step's hidden rows from a graph replay, or None when it must run eagerly."""
@@ -155,4 +161,6 @@ class DecodeGraphs:
         entry = self.graphs[size]
         entry.graph.replay()
         self.model.comm.add_host_bytes(entry.host_bytes)
+        # The rows the graph returns are laid out as its bucket's forward laid them out.
+        self.model.step_replicated = self.model.replicated_layout(size)
         return entry.hidden

@@ -4,8 +4,9 @@ Keeps the per-request state a worker needs between steps (token ids, computed co
 sampling state, and a row of the persistent device batch holding its block table) so the
 driver only sends diffs. A step is one packed host->device copy of its inputs
 (worker/input_batch), the forward, sampling on rank 0 (under the step's grammar bitmask, if any), and one device->host copy of the
-sampled tokens (plus logprobs when asked); nothing else reads the device back. Decode-only
-steps replay CUDA graphs when they were captured (worker/cuda_graphs). Never decides who runs.
+sampled tokens (plus logprobs when asked); nothing else reads the device back. Steps replay
+CUDA graphs when they were captured: whole decode steps (worker/cuda_graphs), every other
+step piecewise (worker/piecewise_graphs). Never decides who runs.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sample import Sampler, SamplingState
 from ernie_cluster.sample.grammar_mask import apply_grammar_bitmask
+from ernie_cluster.sample.sampling_state import record_sampled
 from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
 
@@ -69,20 +71,34 @@ class ModelRunner:
             device=self.device,
         )
         self.cuda_graphs = None
+        self.piecewise_graphs = None
 
     def capture_cuda_graphs(self) -> None:
-        """Capture decode-step graphs per batch bucket (CUDA only, unless enforce_eager)."""
+        """Capture the step graphs (CUDA only, unless enforce_eager; at W > 1 only when asked)."""
         if self.device.type != "cuda" or self.config.enforce_eager:
             return
-        backend = self.model.layers[0].self_attn.backend
-        if not getattr(backend, "cuda_graph_safe", False):
-            # NOTE: the torch reference sizes its decode gather from host lengths, which a
-            # graph would freeze at max_model_len; it runs eagerly.
-            logger.info("attention backend %s runs decode eagerly", type(backend).__name__)
+        world = self.model.comm.world_size
+        if world > 1 and not self.config.multi_rank_cuda_graphs:
+            # NOTE: no multi-GPU run has yet replayed a W > 1 graph (NCCL collectives under
+            # capture) and matched eager; until one has, W > 1 runs eagerly by default.
+            logger.info("W = %d: steps run eagerly (multi_rank_cuda_graphs is off)", world)
             return
-        from ernie_cluster.worker.cuda_graphs import DecodeGraphs
+        self.capture_graphs()
 
-        self.cuda_graphs = DecodeGraphs.capture(self)
+    def capture_graphs(self) -> None:
+        """Whole decode-step graphs per batch bucket (graph-safe attention backends only),
+        then piecewise graphs of every step per token bucket (worker/piecewise_graphs)."""
+        from ernie_cluster.worker.cuda_graphs import DecodeGraphs
+        from ernie_cluster.worker.piecewise_graphs import PiecewiseGraphs
+
+        backend = self.model.layers[0].self_attn.backend
+        if getattr(backend, "cuda_graph_safe", False):
+            self.cuda_graphs = DecodeGraphs.capture(self)
+        else:
+            # NOTE: the torch reference sizes its decode gather from host lengths, which a
+            # whole-step graph would freeze at max_model_len; the pieces run it eagerly.
+            logger.info("attention backend %s: decode runs piecewise", type(backend).__name__)
+        self.piecewise_graphs = PiecewiseGraphs.capture(self)
 
     def update_states(self, out: SchedulerOutput) -> None:
         batch = self.input_batch
@@ -156,6 +172,8 @@ class ModelRunner:
         hidden = None
         if self.cuda_graphs is not None:
             hidden = self.cuda_graphs.run(inputs)
+        if hidden is None and self.piecewise_graphs is not None:
+            hidden = self.piecewise_graphs.run(inputs)
         if hidden is None:
             if self.model.mask_padding:  # graphs were captured: eager steps have no padding
                 self.model.set_num_real_tokens(inputs.meta.num_tokens)
@@ -190,9 +208,13 @@ class ModelRunner:
                     result.logprobs[req_id] = entry
         else:
             token_list = tokens.tolist()
-        for req_id, token in zip(sample_ids, token_list, strict=True):
-            state = self.requests[req_id]
+        states = [self.requests[req_id] for req_id in sample_ids]
+        # NOTE: rank 0 keeps penalised requests' output histories on the device, appended
+        # from the sampled tokens there; the other ranks never sample, keep them on the host.
+        record_sampled(
+            [state.sampling for state in states], tokens, token_list, sampled is not None
+        )
+        for req_id, state, token in zip(sample_ids, states, token_list, strict=True):
             state.token_ids.append(token)
-            state.sampling.output_token_ids.append(token)
             result.sampled_token_ids[req_id] = token
         return result

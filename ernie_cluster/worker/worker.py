@@ -36,6 +36,10 @@ class Worker:
         self.config = config
         self.rank = rank
         self.device = device or torch.device(config.device)
+        if self.device.type == "cuda":
+            # NOTE: Triton and torch launch on the current device, not the tensors'; every
+            # executor (not only Ray's) must make this rank's GPU current.
+            torch.cuda.set_device(self.device)
         self.model_config = ErnieMoeConfig.from_pretrained(model_dir)
         shard = ShardSpec(rank, config.world_size)
         self.model = load_model(

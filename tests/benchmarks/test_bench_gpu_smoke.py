@@ -72,6 +72,9 @@ def test_smoke_run_reports_every_figure(tmp_path):
         assert entry["active_experts_source"] == "measured"
         assert 1 <= entry["active_experts_per_layer"] <= report["model"]["num_experts"]
         assert entry["kv_aliased"] is False
+    # no graph is captured on a CPU: the graphs rows say so instead of claiming graphs
+    assert not any(entry["cuda_graphs"] for entry in decode.values())
+    assert "no-graph" in proc.stdout
     mixed = decode[("torch", "eager", "3x32+1x128")]
     assert mixed["batch"] == 4 and mixed["contexts"] == {"32": 3, "128": 1}
 
@@ -81,3 +84,17 @@ def test_smoke_run_reports_every_figure(tmp_path):
         assert entry["status"] == "ok", entry
         positive(entry, PREFILL_FIGURES)
     assert prefill[("torch", 256)]["num_chunks"] == 4  # 64-token chunks
+
+
+def test_defaults_run_triton_and_torch_skips_past_16k():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import bench_gpu
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert bench_gpu.parse_args([]).backends == "triton"
+    assert bench_gpu.torch_skip("torch", 16384) is None
+    assert bench_gpu.torch_skip("torch", 131072)
+    assert bench_gpu.torch_skip("triton", 131072) is None
+    assert bench_gpu.mode_label({"mode": "graphs", "cuda_graphs": False}) == "no-graph"
+    assert bench_gpu.mode_label({"mode": "graphs", "cuda_graphs": True}) == "graphs"

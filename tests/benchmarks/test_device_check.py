@@ -1,0 +1,58 @@
+"""benchmarks/device_check.sh's orchestration on a CPU, with a stand-in interpreter that logs
+each step's command (and fails the benchmark step): every step runs with its limit, the
+summary JSON carries each exit code and the JUnit counts, a failed step fails the script."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = REPO_ROOT / "benchmarks" / "device_check.sh"
+
+STAND_IN = """#!/bin/sh
+if [ "$1" = "-" ]; then exec {python} "$@"; fi
+echo "$*" >> {log}
+case "$*" in
+  *bench_gpu.py*) exit 3 ;;
+  *test_cuda_graphs.py*)
+    for arg in "$@"; do case "$arg" in --junitxml=*) xml="${{arg#--junitxml=}}" ;; esac; done
+    echo '<testsuites><testsuite tests="3" failures="0" errors="0" skipped="1"/></testsuites>' > "$xml" ;;
+esac
+exit 0
+"""
+
+
+def test_steps_and_summary(tmp_path):
+    log = tmp_path / "commands.log"
+    stand_in = tmp_path / "python"
+    stand_in.write_text(STAND_IN.format(python=sys.executable, log=log))
+    stand_in.chmod(0o755)
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), str(out)],
+        env={**os.environ, "PYTHON": str(stand_in)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the benchmark step failed
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary) == ["kernels", "graphs", "bench_gpu"]
+    assert summary["kernels"]["exit_code"] == 0
+    assert summary["graphs"] == {
+        "exit_code": 0,
+        "seconds": summary["graphs"]["seconds"],
+        "timed_out": False,
+        "passed": 2,
+        "failed": 0,
+        "skipped": 1,
+    }
+    assert summary["bench_gpu"]["exit_code"] == 3
+    commands = log.read_text().splitlines()
+    assert "tests/model/test_fused_moe.py" in commands[0]
+    assert "-k real_graphs" in commands[1]
+    assert "--backends triton" in commands[2] and str(out / "bench_gpu.json") in commands[2]
