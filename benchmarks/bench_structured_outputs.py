@@ -22,7 +22,7 @@ from common import add_threads_arg, checkpoint, code_version, machine_summary, s
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.llm_engine import LLMEngine
 from ernie_cluster.sampling_params import SamplingParams
-from ernie_cluster.structured_output.compiler import GrammarCompiler
+from ernie_cluster.structured_output.compiler import CompileLimits, GrammarCompiler
 from ernie_cluster.structured_output.formats import forced_tool_calls, tool_call_tag
 from ernie_cluster.structured_output.params import GrammarSpec, StructuredOutputsParams
 
@@ -92,13 +92,16 @@ def compile_times(engine: LLMEngine, repeats: int) -> tuple[list[float], list[fl
     cold, cached = [], []
     for _ in range(repeats):
         compiler = GrammarCompiler(
-            engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_ids
+            engine.tokenizer,
+            engine.model_config.vocab_size,
+            engine.eos_token_ids,
+            CompileLimits.from_config(engine.config),
         )
         start = time.perf_counter()
-        compiler.submit(spec).result()
+        compiler.submit(spec).future.result()
         cold.append(time.perf_counter() - start)
         start = time.perf_counter()
-        compiler.submit(spec).result()
+        compiler.submit(spec).future.result()
         cached.append(time.perf_counter() - start)
         compiler.shutdown()
     return cold, cached

@@ -58,10 +58,20 @@ class SchedulerOutput:
     """Requests that ended since the last step: workers drop their state."""
     grammar: GrammarBitmask | None = None
     """Token masks of constrained sequences; sent to rank 0 only."""
+    kv_saves: list[tuple[int, int]] = field(default_factory=list)
+    """Host KV tier: (device block, host slot) copies run before this step's forward (the
+    device blocks are reused by it). Every rank copies its own shard."""
+    kv_loads: list[tuple[int, int]] = field(default_factory=list)
+    """Host KV tier: (host slot, device block) copies run after the saves; the blocks are read
+    from the next step on, so the copies may overlap this step's forward."""
 
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def has_kv_copies(self) -> bool:
+        return bool(self.kv_saves or self.kv_loads)
 
     @property
     def is_empty(self) -> bool:

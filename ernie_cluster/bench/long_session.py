@@ -5,7 +5,9 @@ Both runs send the same user messages (one seed) and carry the model's real, gre
 forward, one request at a time, so every TTFT is one request's alone. With caching a turn
 only computes its own growth; without, it recomputes the whole context. Writes
 `long_session.json` and `long_session.png`. Owns the run and the per-turn records; spawned
-servers are `server_process`'s, summaries and figures `long_session_report`'s.
+servers are `server_process`'s, summaries and figures `long_session_report`'s. With
+`sessions` > 1 the runs are N round-robin sessions with the host KV tier on and off instead
+(`long_session_multi`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class LongSessionConfig:
     base_url_uncached: str | None = None
     """Attach to this running server (started with --no-prefix-caching)."""
     api_key: str | None = None
+    sessions: int = 1
+    """> 1: that many conversations round-robin, host KV tier on vs off (spawned servers;
+    give them a device pool the sessions overflow with --num-kv-blocks in server_args)."""
+    kv_offload_gb: float = 4.0
+    """The tier-on server's --kv-offload-gb (only with sessions > 1)."""
     seed: int = 0
     timeout_s: float = 1800.0
     startup_timeout_s: float = 600.0
@@ -76,7 +83,7 @@ class LongSessionConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("max_context", "turn_tokens", "output_len"):
+        for name in ("max_context", "turn_tokens", "output_len", "sessions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         first_turn = self.turn_tokens + TEMPLATE_TOKENS_PER_TURN + self.output_len
@@ -89,6 +96,15 @@ class LongSessionConfig:
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(
                 f"max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+        if self.sessions > 1 and (self.base_url_cached or self.base_url_uncached):
+            raise ValueError(
+                f"--sessions {self.sessions} spawns its two servers (host KV tier on, off); "
+                "it cannot attach to running ones"
+            )
+        if self.sessions > 1 and not self.kv_offload_gb > 0:
+            raise ValueError(
+                f"kv_offload_gb must be > 0 with sessions > 1, got {self.kv_offload_gb}"
             )
         if not (self.timeout_s > 0 and self.startup_timeout_s > 0):
             raise ValueError(
@@ -159,19 +175,36 @@ def turn_record(request: BenchRequest, result: RequestResult) -> dict[str, Any]:
     }
 
 
-async def drive_conversation(
-    script: Script, config: LongSessionConfig, run: str, base_url: str
-) -> dict[str, Any]:
-    """Warm the server up, then send the conversation's turns one by one until it ends."""
-    model = served_model(base_url, config.api_key)
-    settings = RequestSettings(
+def request_settings(config: LongSessionConfig, base_url: str) -> RequestSettings:
+    """Greedy, EOS ignored, for the model the server serves."""
+    return RequestSettings(
         base_url=base_url,
-        model=model,
+        model=served_model(base_url, config.api_key),
         temperature=0.0,
         ignore_eos=True,
         api_key=config.api_key,
         timeout_s=config.timeout_s,
     )
+
+
+async def warm_up(http: httpx.AsyncClient, script: Script, settings: RequestSettings) -> float:
+    """The warm-up request's TTFT; raises if it failed."""
+    warmup = await send_request(http, script.warmup, settings, 0.0)
+    if not warmup.ok:
+        raise RuntimeError(f"the warm-up request failed: {warmup.status} {warmup.error}")
+    return warmup.ttft
+
+
+def reply_of(result: RequestResult) -> Reply | None:
+    """What the next turn carries forward; None ends the conversation."""
+    return Reply(result.answer, result.prompt_tokens, result.output_tokens) if result.ok else None
+
+
+async def drive_conversation(
+    script: Script, config: LongSessionConfig, run: str, base_url: str
+) -> dict[str, Any]:
+    """Warm the server up, then send the conversation's turns one by one until it ends."""
+    settings = request_settings(config, base_url)
     conversation = script.conversation(config, run)
     turns: list[dict[str, Any]] = []
     estimate = config.max_context // (script.user_message_tokens + config.output_len)
@@ -181,23 +214,22 @@ async def drive_conversation(
             # NOTE: a fresh server's first request pays one-time costs (allocations, kernel
             # warm-up) that would inflate turn 0's TTFT; the warm-up shares less than one
             # cache block with the conversation, so it gives no turn a cache hit.
-            warmup = await send_request(http, script.warmup, settings, 0.0)
-            if not warmup.ok:
-                raise RuntimeError(f"the warm-up request failed: {warmup.status} {warmup.error}")
+            warmup_ttft = await warm_up(http, script, settings)
             previous: Reply | None = None
             while (request := conversation.next_request(previous)) is not None:
                 result = await send_request(http, request, settings, 0.0)
                 turns.append(turn_record(request, result))
                 bar.update(1)
                 bar.set_postfix(context=result.prompt_tokens, cached=result.cached_tokens)
-                previous = (
-                    Reply(result.answer, result.prompt_tokens, result.output_tokens)
-                    if result.ok
-                    else None
-                )
+                previous = reply_of(result)
         finally:
             bar.close()
-    return {"base_url": base_url, "model": model, "warmup_ttft_s": warmup.ttft, "turns": turns}
+    return {
+        "base_url": base_url,
+        "model": settings.model,
+        "warmup_ttft_s": warmup_ttft,
+        "turns": turns,
+    }
 
 
 def server_args(config: LongSessionConfig, run: str) -> list[str]:
@@ -235,7 +267,13 @@ def run_one(script: Script, config: LongSessionConfig, run: str) -> dict[str, An
 def run_long_session(config: LongSessionConfig) -> dict[str, Any]:
     """Both runs, one after the other (a spawned server has the machine to itself), then
     the report, written as JSON (and a PNG) under `config.out_dir`."""
-    from ernie_cluster.bench.long_session_report import plot_long_session, summarize_runs
+    from ernie_cluster.bench.long_session_multi import run_multi
+    from ernie_cluster.bench.long_session_report import (
+        plot_long_session,
+        plot_sessions,
+        summarize_runs,
+        summarize_sessions,
+    )
     from ernie_cluster.bench.plots import check_plotting
 
     if config.plots:
@@ -246,14 +284,20 @@ def run_long_session(config: LongSessionConfig) -> dict[str, Any]:
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     script = build_script(config)
-    runs = {run: run_one(script, config, run) for run in RUNS}
+    if config.sessions > 1:
+        runs = run_multi(script, config, server_args(config, "cached"))
+        summary = summarize_sessions(runs, config.max_context)
+    else:
+        runs = {run: run_one(script, config, run) for run in RUNS}
+        summary = summarize_runs(runs)
     settings = {k: v for k, v in asdict(config).items() if k != "api_key"}
     settings["system_prompt"] = script.system_prompt
     settings["user_message_tokens_max"] = script.user_message_tokens - TEMPLATE_TOKENS_PER_TURN
-    report: dict[str, Any] = {"settings": settings, **summarize_runs(runs)}
+    report: dict[str, Any] = {"settings": settings, **summary}
     files = {"json": out / "long_session.json"}
     if config.plots:
-        files["png"] = plot_long_session(runs, out / "long_session.png", config)
+        plot = plot_sessions if config.sessions > 1 else plot_long_session
+        files["png"] = plot(runs, out / "long_session.png", config)
     report["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(report, indent=2))
     return report

@@ -1,5 +1,6 @@
 """The long-session benchmark's report: per-run summaries, the cached-versus-uncached
-comparison, the printed table and the figure.
+comparison (or, with --sessions N, the returning-turn TTFT with the host KV tier on, off and
+on a device-pool hit at a few context sizes), the printed table and the figure.
 
 Reads the per-turn records `long_session` collected; never sends a request. Timings are
 reported as measured, never judged against a threshold.
@@ -81,8 +82,95 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _median(values: list[float | None]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[len(values) // 2] if values else None
+
+
+def returning_turns(turns: list[dict[str, Any]], bucket: int) -> list[dict[str, Any]]:
+    """Per session, its last returning turn with a context in (bucket / 2, bucket]."""
+    last: dict[int, dict[str, Any]] = {}
+    for turn in turns:
+        if turn["ok"] and turn["turn"] > 0 and bucket // 2 < turn["prompt_tokens"] <= bucket:
+            last[turn["session"]] = turn
+    return list(last.values())
+
+
+def summarize_sessions(runs: dict[str, dict[str, Any]], max_context: int) -> dict[str, Any]:
+    """Median returning-turn TTFT per context bucket (max_context / 4, / 2, / 1) over the
+    sessions, tier on vs off vs a device-pool hit, and what the host tier held and moved."""
+    summarized = {name: summarize_run(record) for name, record in runs.items()}
+    rows = []
+    for bucket in (max_context // 4, max_context // 2, max_context):
+        on = returning_turns(runs["tier-on"]["turns"], bucket)
+        off = returning_turns(runs["tier-off"]["turns"], bucket)
+        row = {
+            "bucket": bucket,
+            "sessions": len(on),
+            "context_tokens": _median([t["prompt_tokens"] for t in on]),
+            "cached_tokens_tier_on": _median([t["cached_tokens"] for t in on]),
+            "cached_tokens_tier_off": _median([t["cached_tokens"] for t in off]),
+            "ttft_tier_off_s": _median([t["ttft_s"] for t in off]),
+            "ttft_tier_on_s": _median([t["ttft_s"] for t in on]),
+            "ttft_device_hit_s": _median([t.get("device_hit_ttft_s") for t in on]),
+        }
+        row["off_over_on"] = _ratio(row["ttft_tier_off_s"], row["ttft_tier_on_s"])
+        row["on_over_device_hit"] = _ratio(row["ttft_tier_on_s"], row["ttft_device_hit_s"])
+        rows.append(row)
+    host = runs["tier-on"].get("host_tier", {})
+    moved = host.get("ernie_host_kv_blocks_saved_total", 0) + host.get(
+        "ernie_host_kv_blocks_loaded_total", 0
+    )
+    block_bytes = host.get("ernie_host_kv_bytes_moved_total", 0) / moved if moved else None
+    used = host.get("ernie_host_kv_blocks_used", 0)
+    return {
+        "runs": summarized,
+        "buckets": rows,
+        "host_tier": {
+            **host,
+            "blocks_moved": moved,
+            "block_bytes": block_bytes,
+            "host_bytes_used": used * block_bytes if block_bytes else 0,
+        },
+        "failed": sum(r["summary"]["failed"] for r in summarized.values()),
+    }
+
+
+def format_sessions_report(report: dict[str, Any]) -> str:
+    """The per-bucket table (tier off, on, device hit) and the host tier's totals."""
+    header = (
+        f"{'context':>8} {'sessions':>8} | {'tier off ms':>11} {'tier on ms':>10} "
+        f"{'device hit ms':>13} | {'off/on':>7} {'on/hit':>7} | {'cached on':>9} {'off':>6}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in report["buckets"]:
+        context = row["context_tokens"] if row["context_tokens"] is not None else "-"
+        lines.append(
+            f"{context!s:>8} {row['sessions']:>8} | {_ms(row['ttft_tier_off_s']):>11} "
+            f"{_ms(row['ttft_tier_on_s']):>10} {_ms(row['ttft_device_hit_s']):>13} | "
+            f"{_x(row['off_over_on']):>7} {_x(row['on_over_device_hit']):>7} | "
+            f"{row['cached_tokens_tier_on']!s:>9} {row['cached_tokens_tier_off']!s:>6}"
+        )
+    host = report["host_tier"]
+    lines.append(
+        f"host tier: {host.get('ernie_host_kv_blocks_used', 0):.0f} of "
+        f"{host.get('ernie_host_kv_blocks_capacity', 0):.0f} blocks used "
+        f"({host['host_bytes_used'] / 2**20:.1f} MiB), {host['blocks_moved']:.0f} blocks moved "
+        f"({host.get('ernie_host_kv_blocks_saved_total', 0):.0f} saved, "
+        f"{host.get('ernie_host_kv_blocks_loaded_total', 0):.0f} loaded), "
+        f"{host.get('ernie_host_kv_hit_tokens_total', 0):.0f} tokens served from the host"
+    )
+    for name, run in report["runs"].items():
+        if run.get("error"):
+            lines.append(f"{name:8s} error: {run['error'].splitlines()[0]}")
+    lines.extend(f"wrote {path}" for path in report["files"].values())
+    return "\n".join(lines)
+
+
 def format_report(report: dict[str, Any]) -> str:
     """The per-turn table (both runs side by side) and the summary lines."""
+    if "buckets" in report:
+        return format_sessions_report(report)
     cached, uncached = report["runs"]["cached"], report["runs"]["uncached"]
     header = (
         f"{'turn':>4} | {'context':>7} {'cached':>7} {'computed':>8} {'TTFT ms':>9} "
@@ -157,4 +245,24 @@ def plot_long_session(runs: dict[str, dict[str, Any]], path: Path, config: Any) 
     bottom.set_ylabel("prompt tokens computed (not cached)")
     bottom.set_xlabel("context length of the turn (prompt tokens)")
     bottom.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
+def plot_sessions(runs: dict[str, dict[str, Any]], path: Path, config: Any) -> Path:
+    """Returning-turn TTFT against the context: tier off, tier on, device-pool hit."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(10, 5))
+    on = [t for t in runs["tier-on"]["turns"] if t["ok"] and t["turn"] > 0]
+    off = [t for t in runs["tier-off"]["turns"] if t["ok"] and t["turn"] > 0]
+    for turns, key, style, label in (
+        (off, "ttft_s", "s", "host tier off (recompute)"),
+        (on, "ttft_s", "o", "host tier on (copy back)"),
+        (on, "device_hit_ttft_s", "^", "device-pool hit"),
+    ):
+        points = [(t["prompt_tokens"], t.get(key)) for t in turns if t.get(key) is not None]
+        ax.plot([c for c, _ in points], [v * 1e3 for _, v in points], style, label=label)
+    ax.set_xlabel("context length of the returning turn (prompt tokens)")
+    ax.set_ylabel("time to first token (ms)")
+    ax.set_title(f"{config.sessions} sessions round-robin to {config.max_context} tokens")
+    ax.legend(fontsize=8)
     return save_figure(fig, path)

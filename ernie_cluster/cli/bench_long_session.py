@@ -1,5 +1,6 @@
 """`ernie-cluster bench long-session`: TTFT per turn of one conversation grown toward the
-context limit, with prefix caching on and off. Parses flags; the work is in
+context limit, with prefix caching on and off; with --sessions N, N conversations
+round-robin with the host KV tier on and off. Parses flags; the work is in
 `ernie_cluster.bench.long_session`."""
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ EXAMPLES = """examples:
   # a GPU box: spawn both servers on the GPU, 128K context
   ernie-cluster bench long-session --model baidu/ERNIE-4.5-21B-A3B-PT --device cuda \\
       --dtype bfloat16 --max-context 131072 --turn-tokens 8192 --max-num-batched-tokens 8192
+  # 4 sessions round-robin over a 40K-token device pool, host KV tier (1 GiB) on vs off
+  ernie-cluster bench long-session --sessions 4 --kv-offload-gb 1 --max-context 32768 \\
+      --server-arg=--num-kv-blocks --server-arg=2560
   # or attach to two running servers (the second started with --no-prefix-caching);
   # --model then only names the tokenizer the prompt text is drawn from
   ernie-cluster bench long-session --model baidu/ERNIE-4.5-21B-A3B-PT --max-context 131072 \\
@@ -47,6 +51,20 @@ def add_long_session_args(p: argparse.ArgumentParser) -> None:
         "--output-len", type=int, default=16, help="tokens generated per turn (default %(default)s)"
     )
     session.add_argument("--seed", type=int, default=0, help="seed of the conversation's text")
+    session.add_argument(
+        "--sessions",
+        type=int,
+        default=1,
+        help="> 1: that many conversations round-robin, against spawned servers with the host "
+        "KV tier on and off; returning-turn TTFT at max-context/4, /2, /1 (default 1: one "
+        "conversation, prefix caching on vs off)",
+    )
+    session.add_argument(
+        "--kv-offload-gb",
+        type=positive_float,
+        default=4.0,
+        help="the tier-on server's host KV tier in GiB, with --sessions (default %(default)s)",
+    )
 
     engine = p.add_argument_group("spawned servers (ignored for an attached one)")
     engine.add_argument(
@@ -112,6 +130,8 @@ def cmd_bench_long_session(args: argparse.Namespace) -> int:
         base_url_cached=args.base_url_cached,
         base_url_uncached=args.base_url_uncached,
         api_key=args.api_key,
+        sessions=args.sessions,
+        kv_offload_gb=args.kv_offload_gb,
         seed=args.seed,
         timeout_s=args.timeout,
         startup_timeout_s=args.startup_timeout,

@@ -12,8 +12,10 @@ import sys
 
 from ernie_cluster.checkpoints.presets import PRESETS
 from ernie_cluster.cli import train_demo
+from ernie_cluster.cli.model_args import add_model_args, model_values
 from ernie_cluster.config.engine_config import ATTENTION_BACKENDS
-from ernie_cluster.serving.ray_serve.config import API_KEY_ENV
+from ernie_cluster.serving.limits import RequestLimits
+from ernie_cluster.serving.ray_serve.config import API_KEY_ENV, GRAMMAR_FIELDS, ServeAppConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +24,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--model",
         default=None,
         help="checkpoint directory or Hugging Face repo id "
-        "(default: the built-in demo checkpoint, made on first use)",
+        "(default: the built-in demo checkpoint, shipped inside the package)",
     )
     g.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
     g.add_argument(
@@ -68,6 +70,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--no-prefix-caching", action="store_true", help="disable automatic prefix caching"
     )
     g.add_argument(
+        "--kv-offload-gb",
+        "--swap-space",
+        dest="kv_offload_gb",
+        type=float,
+        default=0.0,
+        help="host memory per rank, in GiB, for KV blocks evicted from the device: prefixes "
+        "come back by copy instead of recompute (default 0: off; --swap-space is an alias)",
+    )
+    g.add_argument(
         "--gpu-memory-utilization",
         type=float,
         default=0.9,
@@ -108,6 +119,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         "block_size": args.block_size,
         "num_kv_blocks": args.num_kv_blocks,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "kv_offload_gb": args.kv_offload_gb,
         "gpu_memory_utilization": args.gpu_memory_utilization,
         "attention_backend": args.attention_backend,
         "enforce_eager": args.enforce_eager,
@@ -159,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def serve_config_from_args(args: argparse.Namespace):
-    from ernie_cluster.serving.ray_serve.config import AutoscalingConfig, ServeAppConfig
+    from ernie_cluster.serving.ray_serve.config import AutoscalingConfig
 
     # NOTE: any autoscaling flag turns autoscaling on (so it conflicts with --num-replicas);
     # unset bounds default to 1 replica and unset delays to Ray's.
@@ -187,6 +199,8 @@ def serve_config_from_args(args: argparse.Namespace):
         autoscaling=autoscaling,
         single_hop=args.single_hop,
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
+        limits=RequestLimits(**model_values(args, RequestLimits, prefix="limit_")),
+        **model_values(args, ServeAppConfig, GRAMMAR_FIELDS),
         **{k: v for k, v in engine.items() if k in ServeAppConfig.model_fields},
     )
 
@@ -217,6 +231,7 @@ def serve_without_ray(args: argparse.Namespace, config) -> int:
             tool_call_parser=config.tool_call_parser,
             api_key=config.api_key,
             max_request_body_bytes=config.max_request_body_bytes,
+            limits=config.limits,
         )
         print(
             f"ernie-cluster: OpenAI API at http://{args.host}:{args.port}/v1 (one process, "
@@ -225,7 +240,8 @@ def serve_without_ray(args: argparse.Namespace, config) -> int:
             flush=True,
         )
         try:
-            make_server(app, sock).run(sockets=[sock])
+            server = make_server(app, sock, max_header_bytes=config.limits.max_header_bytes)
+            server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C once it has shut down
             pass
         finally:
@@ -469,6 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="logical CPUs of a locally started Ray (default: the cores, or as many as the "
         "app's shard workers need, which then share the cores)",
     )
+    add_model_args(srv, RequestLimits, "request limits (worded 400s beyond them)", prefix="limit_")
+    add_model_args(srv, ServeAppConfig, "structured outputs (grammar compiles)", GRAMMAR_FIELDS)
     s_ = srv.add_argument_group("replicas (Ray Serve)")
     s_.add_argument("--num-replicas", type=int, default=None, help="fixed model replicas")
     s_.add_argument("--min-replicas", type=int, default=None, help="autoscaling lower bound")

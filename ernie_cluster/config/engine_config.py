@@ -50,6 +50,20 @@ class EngineConfig:
     a multi-GPU run has replayed a W = 2 graph with its NCCL collectives and matched eager
     (benchmarks/device_check.sh)."""
     enable_prefix_caching: bool = True
+    kv_offload_gb: float = 0.0
+    """Host KV tier per rank, in GiB (0 = off): evicted prefix blocks are kept in host memory
+    (pinned on CUDA) and copied back instead of recomputed. Needs prefix caching."""
+    num_host_kv_blocks: int | None = None
+    """Explicit host tier size in blocks; overrides kv_offload_gb."""
+    grammar_compile_threads: int = 2
+    """Output-constraint (grammar) compiles run at once, each on its own thread."""
+    grammar_compile_timeout_s: float = 10.0
+    """Longest a request waits for its grammar: a compile running longer is refused as too
+    complex (400), one that cannot start in time because the pool is busy gets 503."""
+    grammar_max_pending_compiles: int = 64
+    """Compiles waiting for a thread; a request with a new grammar beyond this gets 503."""
+    grammar_cache_bytes: int = 512 * 2**20
+    """Byte budget of the compiled-grammar cache (LRU; spec text + compiled size)."""
     seed: int = 0
     """Seed of the default generator used by requests that give no seed."""
     show_progress: bool = True
@@ -61,6 +75,8 @@ class EngineConfig:
             "max_num_seqs",
             "max_num_batched_tokens",
             "block_size",
+            "grammar_compile_threads",
+            "grammar_max_pending_compiles",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -74,6 +90,23 @@ class EngineConfig:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.kv_offload_gb < 0 or (self.num_host_kv_blocks or 0) < 0:
+            raise ValueError(
+                f"kv_offload_gb ({self.kv_offload_gb}) and num_host_kv_blocks "
+                f"({self.num_host_kv_blocks}) must be >= 0"
+            )
+        if self.kv_offload_enabled and not self.enable_prefix_caching:
+            raise ValueError(
+                f"the host KV tier (kv_offload_gb={self.kv_offload_gb}, num_host_kv_blocks="
+                f"{self.num_host_kv_blocks}) needs prefix caching: its blocks are found by hash"
+            )
+        if not 0 < self.grammar_compile_timeout_s < float("inf"):  # NaN too
+            raise ValueError(
+                "grammar_compile_timeout_s must be a finite number > 0, got "
+                f"{self.grammar_compile_timeout_s}"
+            )
+        if self.grammar_cache_bytes < 0:
+            raise ValueError(f"grammar_cache_bytes must be >= 0, got {self.grammar_cache_bytes}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
@@ -83,6 +116,12 @@ class EngineConfig:
                 f"unknown attention_backend {self.attention_backend!r}; "
                 f"choose one of {list(ATTENTION_BACKENDS)}"
             )
+
+    @property
+    def kv_offload_enabled(self) -> bool:
+        if self.num_host_kv_blocks is not None:
+            return self.num_host_kv_blocks > 0
+        return self.kv_offload_gb > 0
 
     @property
     def world_size(self) -> int:

@@ -67,14 +67,25 @@ class AsyncLLMEngine:
     def is_healthy(self) -> bool:
         return self._dead is None and not self._closed
 
-    def check_health(self) -> None:
+    def check_alive(self) -> None:
+        """Raises EngineDeadError once a step has failed or the engine is shut down: a flag
+        read, cheap enough for every request."""
         if self._dead is not None:
             raise EngineDeadError(f"engine is dead: {self._dead}") from self._dead
         if self._closed:
             raise EngineDeadError("engine is shut down")
+
+    def check_health(self) -> None:
+        """`check_alive`, then the executor's own probe (pings shard workers: blocking, up to
+        its timeout, so callers on an event loop run it in a thread)."""
+        self.check_alive()
         health = getattr(self.engine.executor, "check_health", None)
-        if health is not None:
+        if health is None:
+            return
+        try:
             health()
+        except Exception as exc:  # a dead or hung shard worker: the engine cannot step
+            raise EngineDeadError(f"engine unhealthy: {exc}") from exc
 
     async def generate(
         self,
@@ -90,54 +101,84 @@ class AsyncLLMEngine:
 
     async def generate_request(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """`generate` for a request the input processor already built."""
+        async for _, output in self.generate_requests([request]):
+            yield output
+
+    async def generate_requests(
+        self, requests: list[EngineRequest]
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Several requests added together (one lock, one step boundary), their deltas merged
+        as (index in `requests`, delta). The first error ends them all; closing the stream
+        aborts every unfinished one.
+
+        NOTE: from the first `__anext__` to the lock, nothing awaits, so a caller's admission
+        check just before sees these sequences in `num_waiting` at once.
+        """
         self._ensure_loop()
-        self.check_health()
-        request_id = request.request_id
-        if request_id in self._streams:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        stream = _Stream(asyncio.Queue())
-        self._num_adding += 1
+        self.check_alive()
+        request_ids = [request.request_id for request in requests]
+        taken = [i for i in request_ids if i in self._streams]
+        if taken or len(set(request_ids)) != len(request_ids):
+            raise ValueError(f"request id {(taken or request_ids)[0]!r} is already in use")
+        index_of = {request_id: i for i, request_id in enumerate(request_ids)}
+        queue: asyncio.Queue = asyncio.Queue()
+        streams: dict[str, _Stream] = {}
+        num_sequences = sum(request.params.n for request in requests)
+        self._num_adding += num_sequences
         try:
-            async with self._lock:  # type: ignore[union-attr]
-                self.engine.add_engine_request(request)
-                self._streams[request_id] = stream
+            try:
+                async with self._lock:  # type: ignore[union-attr]
+                    for request in requests:
+                        self.engine.add_engine_request(request)
+                        streams[request.request_id] = self._streams[request.request_id] = _Stream(
+                            queue
+                        )
+            finally:
+                self._num_adding -= num_sequences
+            self._wakeup.set()  # type: ignore[union-attr]
+            unfinished = len(streams)
+            while unfinished:
+                # NOTE: a consumer that fell behind gets every pending delta of a request as
+                # one item: under load each hop downstream (Serve streaming, SSE) then costs
+                # once per pull, not once per token.
+                pending = [await queue.get()]
+                while not queue.empty():
+                    pending.append(queue.get_nowait())
+                merged: dict[str, RequestOutput] = {}
+                for item in pending:
+                    if isinstance(item, BaseException):
+                        raise item
+                    earlier = merged.get(item.request_id)
+                    merged[item.request_id] = (
+                        item if earlier is None else merge_deltas(earlier, item)
+                    )
+                for request_id, output in merged.items():
+                    if output.finished:
+                        streams[request_id].finished = True
+                        unfinished -= 1
+                    yield index_of[request_id], output
         finally:
-            self._num_adding -= 1
-        self._wakeup.set()  # type: ignore[union-attr]
-        try:
-            while True:
-                item = await stream.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                # NOTE: a consumer that fell behind gets every pending delta as one item: under
-                # load each hop downstream (Serve streaming, SSE) then costs once per pull,
-                # not once per token.
-                while not item.finished and not stream.queue.empty():
-                    following = stream.queue.get_nowait()
-                    if isinstance(following, BaseException):
-                        raise following
-                    item = merge_deltas(item, following)
-                yield item
-                if item.finished:
-                    stream.finished = True
-                    return
-        finally:
-            self._streams.pop(request_id, None)
-            if not stream.finished:
-                self.request_abort(request_id)
+            for request_id, stream in streams.items():
+                self._streams.pop(request_id, None)
+                if not stream.finished:
+                    self.request_abort(request_id)
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet scheduled, including those waiting to be added."""
+        """Sequences not yet scheduled, including those waiting to be added."""
         return len(self.engine.scheduler.waiting) + self._num_adding
 
     @property
     def num_queued(self) -> int:
         """Waiting requests beyond the free batch slots: those the next step cannot take
         even with the token budget and KV blocks to spare (what admission limits)."""
+        return self.num_queued_after(0)
+
+    def num_queued_after(self, num_new_sequences: int) -> int:
+        """`num_queued` once `num_new_sequences` more are added."""
         scheduler = self.engine.scheduler
         free_slots = max(0, scheduler.config.max_num_seqs - len(scheduler.running))
-        return max(0, self.num_waiting - free_slots)
+        return max(0, self.num_waiting + num_new_sequences - free_slots)
 
     def request_abort(self, request_id: str) -> None:
         """Abort at the next step boundary (at once when idle); never waits.
@@ -202,7 +243,7 @@ class AsyncLLMEngine:
                         for request_id in failure.request_ids:
                             stream = self._streams.pop(request_id, None)
                             if stream is not None:
-                                stream.queue.put_nowait(failure)
+                                stream.queue.put_nowait(failure.errors.get(request_id, failure))
                     self._apply_aborts()
                 for output in outputs:
                     stream = self._streams.get(output.request_id)

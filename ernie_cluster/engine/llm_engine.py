@@ -27,6 +27,7 @@ from ernie_cluster.loader.checkpoint_files import resolve_model_path
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.outputs import RequestOutput
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.structured_output.compiler import CompileLimits
 from ernie_cluster.structured_output.manager import StructuredOutputManager
 from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
 
@@ -58,6 +59,21 @@ class EngineStats:
     """Every token run through the model (prefill chunks, recomputes, decodes)."""
     expert_tokens_per_layer: torch.Tensor
     """[moe_layers, experts] (token, expert) assignments routed to each expert so far."""
+    host_kv_blocks_used: int = 0
+    host_kv_blocks_total: int = 0
+    """The host KV tier's blocks (0 when --kv-offload-gb is off)."""
+    host_kv_hit_tokens: int = 0
+    """Prompt tokens copied back from the host tier instead of recomputed."""
+    host_kv_swapped_in_tokens: int = 0
+    """Of those, tokens of preempted requests (swap instead of recompute)."""
+    host_kv_blocks_saved: int = 0
+    host_kv_blocks_loaded: int = 0
+    host_kv_blocks_dropped: int = 0
+    """Host blocks evicted (LRU) or not written for lack of room."""
+    host_kv_bytes_moved: int = 0
+    """Bytes copied between device and host, all ranks, both directions."""
+    host_kv_load_wait_s: float = 0.0
+    """Seconds requests waited in LOADING for their blocks to come back (sum)."""
 
     @property
     def expert_load_imbalance(self) -> float:
@@ -70,12 +86,19 @@ class EngineStats:
 
 
 class BatchFailedError(RuntimeError):
-    """A step failed inside the model (not a dead worker): its requests ended with this error;
-    the engine itself keeps serving."""
+    """A step failed inside the model (not a dead worker), or requests' output constraints
+    could not be compiled: those requests ended with this error (or their own one in
+    `errors`, by request id); the engine itself keeps serving."""
 
-    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+    def __init__(
+        self,
+        request_ids: list[str],
+        cause: BaseException,
+        errors: dict[str, BaseException] | None = None,
+    ) -> None:
         super().__init__(f"generation failed for this batch: {type(cause).__name__}: {cause}")
         self.request_ids = request_ids
+        self.errors = errors or {}
 
 
 class LLMEngine:
@@ -89,7 +112,10 @@ class LLMEngine:
         )
         self.processor = InputProcessor(self.facts, self.tokenizer)
         self.structured = StructuredOutputManager(
-            self.tokenizer, self.model_config.vocab_size, self.facts.eos_token_ids
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.facts.eos_token_ids,
+            CompileLimits.from_config(self.config),
         )
         ShardSpec(0, self.config.world_size).check(self.model_config)  # before any worker starts
         if executor_factory is None:
@@ -97,8 +123,16 @@ class LLMEngine:
 
             executor_factory = make_executor
         self.executor = executor_factory(self.config, str(self.model_dir))
+        num_host_blocks, self._host_block_bytes = 0, 0
+        if self.config.kv_offload_enabled:
+            tiers = self.executor.collective_rpc("host_kv_tier")  # [(blocks, bytes)] per rank
+            num_host_blocks = min(blocks for blocks, _ in tiers)
+            self._host_block_bytes = sum(size for _, size in tiers)
         self.kv_cache = KVCacheManager(
-            self.executor.num_kv_blocks, self.config.block_size, self.config.enable_prefix_caching
+            self.executor.num_kv_blocks,
+            self.config.block_size,
+            self.config.enable_prefix_caching,
+            num_host_blocks=num_host_blocks,
         )
         self.scheduler = Scheduler(
             SchedulerConfig(
@@ -153,6 +187,7 @@ class LLMEngine:
                     sample_index=index,
                     priority=request.priority,
                     arrival_seq=arrival,
+                    answer_start_token_id=request.answer_start_token_id,
                     prefill_leader=sequences[0]
                     if index and self.config.enable_prefix_caching
                     else None,
@@ -163,8 +198,14 @@ class LLMEngine:
                 sequence.grammar = self.structured.new_state(
                     request.grammar, request.stop_token_ids
                 )
-        for sequence in sequences:
-            self.scheduler.add_request(sequence)  # raises before anything is half-added
+        try:
+            for sequence in sequences:
+                self.scheduler.add_request(sequence)  # raises before anything is half-added
+        except Exception:
+            for sequence in sequences:
+                if sequence.grammar is not None:
+                    sequence.grammar.release()
+            raise
         group = RequestGroup(request_id, request.prompt_text, request.prompt_token_ids)
         self.output_processor.add_group(group, sequences)
         self._num_prompt_tokens += len(request.prompt_token_ids)
@@ -189,8 +230,13 @@ class LLMEngine:
     # ---------------------------------------------------------------------------- step
     def step(self, delta: bool = False) -> list[RequestOutput]:
         """Run one step; return outputs of requests that changed (cumulative by default)."""
+        self._end_failed_grammars()
         scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty and not scheduler_output.finished_req_ids:
+        if (
+            scheduler_output.is_empty
+            and not scheduler_output.finished_req_ids
+            and not scheduler_output.has_kv_copies
+        ):
             # Nothing runnable: the waiting requests' grammars are still compiling.
             self.structured.wait_for_any(
                 (r.grammar for r in self.scheduler.waiting if r.grammar is not None),
@@ -233,6 +279,15 @@ class LLMEngine:
                 self.output_processor.remove_group(group)
         return outputs
 
+    def _end_failed_grammars(self) -> None:
+        """Waiting requests whose grammar will never come (compile error, timeout, busy pool)
+        end before they run: raises BatchFailedError with each request's worded error."""
+        failed = self.structured.failures(self.scheduler.waiting)
+        if failed:
+            errors = {request.parent_id: error for request, error in failed}
+            self.abort_request(list(errors))
+            raise BatchFailedError(list(errors), next(iter(errors.values())), errors)
+
     def _grammar_bitmask(self, scheduler_output):
         """The bitmask of constrained sequences that sample this step (None: none do)."""
         requests = self.scheduler.requests
@@ -261,7 +316,7 @@ class LLMEngine:
         kv = self.kv_cache
         stats = kv.stats
         return EngineStats(
-            num_running=len(self.scheduler.running),
+            num_running=self.scheduler.num_active,
             num_waiting=len(self.scheduler.waiting),
             kv_blocks_used=kv.num_blocks - kv.num_free_blocks,
             kv_blocks_total=kv.num_blocks,
@@ -274,6 +329,25 @@ class LLMEngine:
             num_generated_tokens=self._num_generated_tokens,
             num_scheduled_tokens=self.scheduler.stats.num_scheduled_tokens,
             expert_tokens_per_layer=self.executor.expert_load(),
+            **self._host_tier_stats(),
+        )
+
+    def _host_tier_stats(self) -> dict:
+        host = self.kv_cache.host
+        if host is None:
+            return {}
+        stats = host.stats
+        moved = stats.blocks_saved + stats.blocks_loaded
+        return dict(
+            host_kv_blocks_used=host.num_used_slots,
+            host_kv_blocks_total=host.num_slots,
+            host_kv_hit_tokens=stats.host_hit_tokens,
+            host_kv_swapped_in_tokens=stats.swapped_in_tokens,
+            host_kv_blocks_saved=stats.blocks_saved,
+            host_kv_blocks_loaded=stats.blocks_loaded,
+            host_kv_blocks_dropped=stats.blocks_dropped,
+            host_kv_bytes_moved=moved * self._host_block_bytes,
+            host_kv_load_wait_s=stats.load_wait_s,
         )
 
     def shutdown(self) -> None:

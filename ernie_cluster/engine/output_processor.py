@@ -2,7 +2,8 @@
 
 Runs on the driver after each step. Owns the stop rules (stop token ids, stop strings cut
 from the text, max_tokens, max_model_len, min_tokens) and the streaming hold-back that keeps
-a possible stop-string prefix from being sent before it is known not to be one.
+a possible stop-string prefix from being sent before it is known not to be one. Stop strings
+are matched by `StopStrings`, built once per request and shared by its n sequences.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 from ernie_cluster.engine.request import Request, RequestStatus
+from ernie_cluster.engine.stop_strings import StopStrings
 from ernie_cluster.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from ernie_cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -25,10 +27,18 @@ class SequenceState:
     num_sent_chars: int = 0
     finish_reason: str | None = None
     finish_sent: bool = False
+    stops: StopStrings | None = None
+    """The request's stop strings (one matcher shared by its n sequences); None: none."""
+    answer_start: int | None = 0
+    """Where in `text` stop strings start to apply: 0, or just after the answer's opening
+    `<response>` and its newline once generated (None until then)."""
+    answer_opened: bool = False
+    """`<response>` came and the newline after it is still to be skipped."""
 
     def stop_holdback(self) -> int:
-        stops = self.request.params.stop
-        return max((len(s) for s in stops), default=1) - 1
+        if self.stops is None or self.answer_start is None:
+            return 0
+        return self.stops.holdback
 
 
 @dataclass
@@ -56,6 +66,8 @@ class OutputProcessor:
 
     def add_group(self, group: RequestGroup, requests: list[Request]) -> None:
         self.groups[group.request_id] = group
+        stop = requests[0].params.stop if requests else None
+        stops = StopStrings(stop) if stop else None
         for request in requests:
             detok = None
             if self.tokenizer is not None:
@@ -65,7 +77,11 @@ class OutputProcessor:
                     skip_special_tokens=request.params.skip_special_tokens,
                 )
             seq = SequenceState(
-                request, detok, logprobs=[] if request.params.logprobs is not None else None
+                request,
+                detok,
+                logprobs=[] if request.params.logprobs is not None else None,
+                stops=stops,
+                answer_start=None if request.answer_start_token_id is not None else 0,
             )
             group.sequences.append(seq)
             self.group_of[request.request_id] = group
@@ -86,9 +102,13 @@ class OutputProcessor:
             seq.text += seq.detokenizer.flush() if seq.detokenizer else ""
             return RequestStatus.FINISHED_STOPPED
         delta = seq.detokenizer.add_tokens([token]) if seq.detokenizer else ""
-        if past_min_tokens and params.stop and self._check_stop_strings(seq, delta):
+        if seq.answer_opened and delta:
+            self._open_answer(seq, delta)
+        if past_min_tokens and seq.stops is not None and self._check_stop_strings(seq, delta):
             return RequestStatus.FINISHED_STOPPED
         seq.text += delta
+        if seq.answer_start is None and token == request.answer_start_token_id:
+            seq.answer_opened = True
         if (
             request.num_output_tokens >= request.max_tokens
             or request.num_tokens >= self.max_model_len
@@ -98,22 +118,29 @@ class OutputProcessor:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    @staticmethod
+    def _open_answer(seq: SequenceState, delta: str) -> None:
+        """The answer starts with the first character after `<response>`, less the one
+        newline the format puts there (the reasoning parser drops it too)."""
+        seq.answer_opened = False
+        seq.answer_start = len(seq.text) + (1 if delta.startswith("\n") else 0)
+
     def _check_stop_strings(self, seq: SequenceState, delta: str) -> bool:
-        if not delta:
+        if not delta or seq.answer_start is None:  # still reasoning: stops wait for the answer
             return False
-        params = seq.request.params
-        full = seq.text + delta
-        best: tuple[int, str] | None = None
-        for stop in params.stop:
-            start = max(0, len(seq.text) - len(stop) + 1)
-            pos = full.find(stop, start)
-            if pos != -1 and (best is None or pos < best[0]):
-                best = (pos, stop)
-        if best is None:
+        stops: StopStrings = seq.stops  # type: ignore[assignment]
+        text = seq.text
+        if seq.answer_start > len(text):  # the answer starts inside this delta
+            skipped = seq.answer_start - len(text)
+            text, delta = text + delta[:skipped], delta[skipped:]
+        # NOTE: only a tail can hold the start of a match; the answer's start bounds it too.
+        start = max(seq.answer_start, len(text) - stops.max_len + 1)
+        include = seq.request.params.include_stop_str_in_output
+        cut = stops.cut(text[start:], delta, include)
+        if cut is None:
             return False
-        pos, stop = best
-        seq.text = full[: pos + len(stop)] if params.include_stop_str_in_output else full[:pos]
-        seq.request.stop_reason = stop
+        kept, seq.request.stop_reason = cut
+        seq.text = text[:start] + kept
         return True
 
     def mark_finished(self, request: Request) -> None:
@@ -172,7 +199,11 @@ class OutputProcessor:
         )
 
     def remove_group(self, group: RequestGroup) -> None:
+        """Forget a finished or aborted request; its sequences stop waiting for their grammar
+        (the last waiter of a compile that has not started cancels it)."""
         self.groups.pop(group.request_id, None)
         for seq in group.sequences:
+            if seq.request.grammar is not None:
+                seq.request.grammar.release()
             self.group_of.pop(seq.request.request_id, None)
             self.sequence_of.pop(seq.request.request_id, None)

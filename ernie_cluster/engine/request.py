@@ -27,10 +27,12 @@ class RequestStatus(enum.IntEnum):
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
     FINISHED_ERROR = 6
+    LOADING = 7
+    """Admitted with host-tier hits: its blocks are being copied back; it runs next step."""
 
     @property
     def is_finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
+        return RequestStatus.FINISHED_STOPPED <= self <= RequestStatus.FINISHED_ERROR
 
 
 FINISH_REASONS = {
@@ -62,12 +64,17 @@ class Request:
     num_cached_tokens: int = -1
     """Prompt tokens served from the prefix cache at first scheduling (-1: not yet)."""
     num_preemptions: int = 0
+    loading_since: float | None = None
+    """When it entered the LOADING state (host-tier blocks being copied back)."""
     prefill_leader: Request | None = None
     """For n > 1 siblings: wait until this sibling's prompt is computed, then hit its blocks."""
     first_scheduled_time: float | None = None
     stop_reason: int | str | None = None
     grammar: GrammarState | None = None
     """The output constraint's matcher; None when unconstrained."""
+    answer_start_token_id: int | None = None
+    """Stop strings apply only after this token (`<response>`) and the newline that follows
+    it; None: from the first output token."""
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -4,8 +4,11 @@ One rule covers prefill, chunked prefill, decode, prefix-cache hits and recomput
 request's `num_computed_tokens` catches up with its `num_tokens` under a per-step token budget.
 Running requests go first (so decodes step every step while a long prompt advances chunk by
 chunk); when KV blocks run out the lowest-priority (newest) running request is preempted and
-recomputed later. The scheduler owns block allocation through the KV cache manager; it never
-touches tensors and never decides what a worker computes beyond the token counts.
+recomputed later. With a host KV tier, a request whose prefix continues in host memory (an
+evicted session, or a preempted request's blocks written down on eviction: swap instead of
+recompute) waits one step in LOADING while its blocks are copied back, then runs from there.
+The scheduler owns block allocation through the KV cache manager; it never touches tensors
+and never decides what a worker computes beyond the token counts and the copies.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: list[Request] = []  # sorted by Request.sort_key
         self.running: list[Request] = []  # sorted by Request.sort_key
+        self.loading: list[Request] = []  # host blocks being copied back; they run next step
         self.requests: dict[str, Request] = {}
         self.stats = SchedulerStats()
         # Blocks each request's workers already know about, to send only the new ones.
@@ -81,6 +85,8 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
+            elif request.status == RequestStatus.LOADING:
+                self.loading.remove(request)
             elif request in self.waiting:
                 self.waiting.remove(request)
             request.status = status
@@ -89,7 +95,12 @@ class Scheduler:
         return ended
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self.loading)
+
+    @property
+    def num_active(self) -> int:
+        """Requests holding blocks: running, or loading them back from the host."""
+        return len(self.running) + len(self.loading)
 
     # ---------------------------------------------------------------------------- a step
     def schedule(self) -> SchedulerOutput:
@@ -97,6 +108,7 @@ class Scheduler:
         out = SchedulerOutput(finished_req_ids=self._finished_since_last_step)
         self._finished_since_last_step = []
         preempted = False
+        self._finish_loading()
 
         waiting_reserve = self._waiting_reserve()
         index = 0
@@ -131,14 +143,29 @@ class Scheduler:
         if not preempted:
             budget = self._admit_waiting(out, budget)
 
+        out.kv_saves, out.kv_loads = self.kv_cache.take_copy_ops()
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
         return out
 
+    def _finish_loading(self) -> None:
+        """Last step's copies are in the workers' queues ahead of this step: run those
+        requests (the workers order their forward after the copies)."""
+        if not self.loading:
+            return
+        now = time.monotonic()
+        host_stats = self.kv_cache.host.stats
+        for request in self.loading:
+            host_stats.load_wait_s += now - request.loading_since
+            request.loading_since = None
+            request.status = RequestStatus.RUNNING
+            bisect.insort(self.running, request, key=lambda r: r.sort_key)
+        self.loading = []
+
     def _waiting_reserve(self) -> int:
         """Tokens kept back from running prefills for the first admissible waiting request."""
-        if len(self.running) >= self.config.max_num_seqs:
+        if self.num_active >= self.config.max_num_seqs:
             return 0
         for request in self.waiting:
             if request.is_ready():
@@ -151,7 +178,7 @@ class Scheduler:
         while (
             position < len(self.waiting)
             and budget > 0
-            and len(self.running) < self.config.max_num_seqs
+            and self.num_active < self.config.max_num_seqs
         ):
             request = self.waiting[position]
             if not request.is_ready():
@@ -160,6 +187,14 @@ class Scheduler:
             computed_blocks, num_computed = self.kv_cache.get_computed_blocks(
                 request.request_id, request.all_token_ids
             )
+            host_hashes = self.kv_cache.match_host_blocks(
+                request.request_id, request.all_token_ids, len(computed_blocks)
+            )
+            if host_hashes:
+                if not self._start_loading(request, computed_blocks, num_computed, host_hashes):
+                    break
+                del self.waiting[position]
+                continue
             num_new = min(request.num_tokens - num_computed, budget)
             table = self.kv_cache.allocate_slots(
                 request.request_id, num_computed + num_new, computed_blocks
@@ -179,12 +214,41 @@ class Scheduler:
             budget -= num_new
         return budget
 
+    def _start_loading(
+        self,
+        request: Request,
+        computed_blocks: list[int],
+        num_computed: int,
+        host_hashes: list[int],
+    ) -> bool:
+        """Give the request blocks for its device and host hits and plan the host copies; it
+        computes nothing this step (no token budget). False when the device pool is short."""
+        num_loaded = len(host_hashes) * self.kv_cache.block_size
+        table = self.kv_cache.allocate_slots(
+            request.request_id, num_computed + num_loaded, computed_blocks
+        )
+        if table is None:
+            return False
+        self.kv_cache.load_host_blocks(request.request_id, host_hashes, len(computed_blocks))
+        if request.status == RequestStatus.PREEMPTED:
+            self._resumed.add(request.request_id)
+            self.kv_cache.host.stats.swapped_in_tokens += num_loaded
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_computed + num_loaded
+        request.num_computed_tokens = num_computed + num_loaded
+        request.status = RequestStatus.LOADING
+        request.loading_since = time.monotonic()
+        request.first_scheduled_time = request.first_scheduled_time or request.loading_since
+        self.loading.append(request)
+        return True
+
     def _add_to_output(
         self, out: SchedulerOutput, request: Request, table: list[int], num_new: int
     ) -> None:
         req_id = request.request_id
         sent = self._num_sent_blocks.get(req_id)
         if sent is None:
+            self._resumed.discard(req_id)  # preempted before it ever ran: new to the workers
             out.new_requests.append(
                 NewRequestData(
                     req_id=req_id,

@@ -227,7 +227,7 @@ class RayExecutor:
         return self._wait_all([w.ping.remote() for w in self.workers], HEALTH_TIMEOUT_S)
 
     def expert_load(self):
-        loads = self.collective_rpc("expert_load")
+        loads = self.collective_rpc("expert_load", timeout=HEALTH_TIMEOUT_S)
         return sum(loads[1:], loads[0])
 
     def _raise_if_dead(self) -> None:

@@ -25,3 +25,6 @@ class EngineRequest:
     """Ids that end each sample: eos unless `ignore_eos`, plus `params.stop_token_ids`."""
     grammar: GrammarSpec | None = None
     priority: int = 0
+    answer_start_token_id: int | None = None
+    """With a reasoning parser, the `<response>` token: stop strings apply only to the answer
+    after it (not to the reasoning nor to the layout around it). None: to the whole output."""

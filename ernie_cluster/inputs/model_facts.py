@@ -16,6 +16,7 @@ from ernie_cluster.tokenizer import Tokenizer
 
 GENERATION_CONFIG_FILE = "generation_config.json"
 REASONING_END = "</think>"
+ANSWER_START = "<response>"
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,9 @@ class ModelFacts:
     """temperature / top_p / top_k from generation_config.json, for requests that omit them."""
     reasoning_end_token_id: int | None = None
     """The `</think>` token, where a constraint on the answer starts."""
+    answer_start_token_id: int | None = None
+    """The `<response>` token: the answer's text (what stop strings apply to, with a reasoning
+    parser) starts after it and the one newline the format puts there."""
 
     @classmethod
     def load(
@@ -55,6 +59,7 @@ class ModelFacts:
             eos_token_ids=frozenset(eos),
             default_sampling=defaults,
             reasoning_end_token_id=tokenizer.token_to_id(REASONING_END) if tokenizer else None,
+            answer_start_token_id=tokenizer.token_to_id(ANSWER_START) if tokenizer else None,
         )
 
 

@@ -80,8 +80,8 @@ class InputProcessor:
         constrain_after_reasoning: bool = False,
         prompt_param: str = "prompt",
     ) -> EngineRequest:
-        """One engine request. `constrain_after_reasoning`: the output constraint (if any)
-        starts once the model has closed its reasoning with `</think>`."""
+        """One engine request. `constrain_after_reasoning`: the output constraint (if any) and
+        the stop strings start once the model has closed its reasoning with `</think>`."""
         params = params or SamplingParams()
         text, token_ids = self.tokenize(prompt, prompt_param)
         max_tokens = self.resolve_max_tokens(len(token_ids), params.max_tokens, prompt_param)
@@ -97,6 +97,9 @@ class InputProcessor:
             stop_token_ids=params.resolve_stop_token_ids(self.facts.eos_token_ids),
             grammar=self._grammar(params, constrain_after_reasoning),
             priority=priority,
+            answer_start_token_id=self.facts.answer_start_token_id
+            if constrain_after_reasoning
+            else None,
         )
 
     def resolve_max_tokens(

@@ -11,7 +11,6 @@ with an error event.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,8 +21,10 @@ from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
 from ernie_cluster.serving.constraints import chat_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
+from ernie_cluster.serving.limits import check_request
 from ernie_cluster.serving.logprobs import chat_logprobs
 from ernie_cluster.serving.metrics import ServingMetrics
+from ernie_cluster.serving.off_loop import plan_request
 from ernie_cluster.serving.parsers import ErnieX1Parser, make_parser
 from ernie_cluster.serving.protocol import (
     AssistantMessage,
@@ -47,10 +48,6 @@ from ernie_cluster.serving.sse import DONE, peeked, sse
 
 logger = logging.getLogger(__name__)
 
-# NOTE: rendering and tokenizing a prompt this large takes long enough to be felt by every
-# other request on the event loop, so it moves to a thread.
-_OFF_LOOP_CHARS = 32_768
-
 
 @dataclass
 class ChatPlan:
@@ -63,6 +60,8 @@ class ChatPlan:
     num_choices: int
     include_reasoning: bool
     skip_special_tokens: bool = True
+    legacy_functions: bool = False
+    """The request gave `functions`: calls are answered as `function_call` (the first one)."""
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -112,6 +111,7 @@ class ChatHandler:
 
     # ------------------------------------------------------------------------ planning
     def plan(self, request: ChatCompletionRequest, request_id: str) -> ChatPlan:
+        check_text_output(request)
         tokenizer = self.settings.tokenizer
         if tokenizer is None or tokenizer.chat_template is None:
             raise BadRequestError("this model has no chat template: use /v1/completions")
@@ -158,24 +158,31 @@ class ChatHandler:
         use_parser = self.settings.reasoning_parser is not None or parse_tools
         after_reasoning = self.settings.reasoning_parser is not None
         top_logprobs = request.top_logprobs or 0
+        processor = self.settings.processor
+        max_tokens = request.max_completion_tokens or request.max_tokens
         try:
+            # NOTE: the prompt's length is checked before the constraint is built: an
+            # over-long prompt costs no grammar.
+            text, token_ids = processor.tokenize(prompt, "messages")
+            processor.resolve_max_tokens(len(token_ids), max_tokens, "messages")
             constraint = chat_constraint(request, after_reasoning)
             params = to_sampling_params(
                 request,
                 self.settings,
-                request.max_completion_tokens or request.max_tokens,
+                max_tokens,
                 logprobs=top_logprobs if request.logprobs else None,
                 skip_special_tokens=False if use_parser else request.skip_special_tokens,
                 constraint=constraint,
             )
-            engine_request = self.settings.processor.process(
+            engine_request = processor.process(
                 request_id,
-                prompt,
+                token_ids,
                 params,
                 priority=request.priority,
                 constrain_after_reasoning=after_reasoning,
                 prompt_param="messages",
             )
+            engine_request.prompt_text = text
         except ValueError as exc:
             raise bad_request(exc) from exc
         return ChatPlan(
@@ -186,6 +193,7 @@ class ChatHandler:
             request.n,
             request.include_reasoning,
             request.skip_special_tokens,
+            request.uses_legacy_functions,
         )
 
     def _parser(self, plan: ChatPlan) -> ErnieX1Parser | None:
@@ -199,14 +207,12 @@ class ChatHandler:
 
     # ------------------------------------------------------------------------ running
     async def create(
-        self, request: ChatCompletionRequest, session_key: str
+        self, request: ChatCompletionRequest, session_key: str, body_bytes: int = 0
     ) -> tuple[ChatCompletionResponse | AsyncIterator[str], str | None]:
         """The response (or its SSE stream) and the replica serving it."""
         request_id = random_id("chatcmpl")
-        if sum(len(m.text() or "") for m in request.messages) > _OFF_LOOP_CHARS:
-            plan = await asyncio.to_thread(self.plan, request, request_id)
-        else:
-            plan = self.plan(request, request_id)
+        check_request(request, self.settings.limits)
+        plan = await plan_request(lambda: self.plan(request, request_id), body_bytes)
         tracker = self.metrics.track(request_id, len(plan.prompt_token_ids))
         try:
             outputs = await peeked(
@@ -265,6 +271,10 @@ class ChatHandler:
                 )
                 if parsed.tool_calls and finish == "stop":
                     finish = "tool_calls"
+                if plan.legacy_functions and message.tool_calls:
+                    message.function_call = message.tool_calls[0].function
+                    message.tool_calls = None
+                    finish = "function_call" if finish == "tool_calls" else finish
             logprobs = None
             if request.logprobs:
                 logprobs = chat_logprobs(
@@ -287,8 +297,20 @@ class ChatHandler:
             id=request_id,
             model=request.model,
             choices=result,
-            usage=usage(len(plan.prompt_token_ids), completion_tokens, cached),
+            usage=usage(
+                len(plan.prompt_token_ids),
+                completion_tokens,
+                cached,
+                self._reasoning_tokens([c.token_ids for c in choices]),
+            ),
+            system_fingerprint=self.settings.system_fingerprint,
         )
+
+    def _reasoning_tokens(self, outputs: list[list[int]]) -> int | None:
+        if self.settings.reasoning_parser is None:
+            return None
+        end = self.settings.facts.reasoning_end_token_id
+        return sum(count_reasoning_tokens(ids, end) for ids in outputs)
 
     async def _stream(
         self,
@@ -312,6 +334,7 @@ class ChatHandler:
                     model=request.model,
                     choices=choice_list,
                     usage=usage_value,
+                    system_fingerprint=self.settings.system_fingerprint,
                 )
             )
 
@@ -332,7 +355,7 @@ class ChatHandler:
                         if state.parser is not None:
                             merge(delta, self._delta_from(state.parser.finish(), plan))
                             if state.parser.has_tool_calls and sample.finish_reason == "stop":
-                                finish = "tool_calls"
+                                finish = "function_call" if plan.legacy_functions else "tool_calls"
                         finish = finish or sample.finish_reason
                     logprobs = None
                     if request.logprobs and sample.logprobs:
@@ -356,7 +379,9 @@ class ChatHandler:
                     )
             if include_usage:
                 completion_tokens = sum(len(c.token_ids) for c in choices)
-                yield chunk([], usage(len(plan.prompt_token_ids), completion_tokens, cached))
+                reasoning = self._reasoning_tokens([c.token_ids for c in choices])
+                prompt_tokens = len(plan.prompt_token_ids)
+                yield chunk([], usage(prompt_tokens, completion_tokens, cached, reasoning))
             yield DONE
         except OpenAIError as exc:
             error = exc
@@ -401,12 +426,33 @@ class ChatHandler:
             )
             for c in parsed.tool_calls
         ]
-        return DeltaOut(
+        delta = DeltaOut(
             content=self._visible(parsed.content, plan) or None,
             reasoning_content=(self._visible(parsed.reasoning_content, plan) or None)
             if plan.include_reasoning
             else None,
             tool_calls=calls or None,
+        )
+        if plan.legacy_functions and calls:
+            first = [c.function for c in calls if c.index == 0]
+            delta.function_call, delta.tool_calls = (first[0] if first else None), None
+        return delta
+
+
+def check_text_output(request: ChatCompletionRequest) -> None:
+    """This model writes text: refuse requests for audio or web search, with a worded 400."""
+    if request.modalities is not None and set(request.modalities) - {"text"}:
+        raise BadRequestError(
+            f"modalities {request.modalities} asks for output this model cannot give: it "
+            'writes text only (["text"])',
+            param="modalities",
+        )
+    if request.audio is not None:
+        raise BadRequestError("this model writes text only: audio output is not available", "audio")
+    if request.web_search_options is not None:
+        raise BadRequestError(
+            "web search is not available on this server: leave web_search_options out",
+            param="web_search_options",
         )
 
 
@@ -417,16 +463,36 @@ def merge(into: DeltaOut, other: DeltaOut) -> None:
         into.reasoning_content = (into.reasoning_content or "") + other.reasoning_content
     if other.tool_calls:
         into.tool_calls = (into.tool_calls or []) + other.tool_calls
+    if other.function_call:
+        into.function_call = into.function_call or other.function_call
 
 
 def is_empty(delta: DeltaOut) -> bool:
-    return not (delta.content or delta.reasoning_content or delta.tool_calls or delta.role)
+    return not (
+        delta.content
+        or delta.reasoning_content
+        or delta.tool_calls
+        or delta.function_call
+        or delta.role
+    )
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached: int) -> Usage:
+def usage(
+    prompt_tokens: int, completion_tokens: int, cached: int, reasoning_tokens: int | None = None
+) -> Usage:
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details={"cached_tokens": cached},
+        completion_tokens_details=None
+        if reasoning_tokens is None
+        else {"reasoning_tokens": reasoning_tokens},
     )
+
+
+def count_reasoning_tokens(token_ids: list[int], think_end_id: int | None) -> int:
+    """Tokens up to and including `</think>` (all of them while it has not come)."""
+    if think_end_id is None or think_end_id not in token_ids:
+        return len(token_ids)
+    return token_ids.index(think_end_id) + 1

@@ -1,23 +1,24 @@
 """POST /v1/completions: text or token-id prompts (one or a batch) -> engine -> choices,
-whole or streamed. A batch of prompts is submitted at once as concurrent engine requests
-whose streams are merged; choice i*n+j is sample j of prompt i."""
+whole or streamed. A batch of prompts goes to the engine client as one call (admitted
+together, sharing steps) whose deltas come back merged; choice i*n+j is sample j of prompt i."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from ernie_cluster.inputs.engine_request import EngineRequest
-from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
+from ernie_cluster.outputs import CompletionOutput, accumulate
 from ernie_cluster.serving.chat import usage
 from ernie_cluster.serving.constraints import request_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
+from ernie_cluster.serving.limits import check_request
 from ernie_cluster.serving.logprobs import completion_logprobs
 from ernie_cluster.serving.metrics import ServingMetrics
+from ernie_cluster.serving.off_loop import plan_request
 from ernie_cluster.serving.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -29,11 +30,6 @@ from ernie_cluster.serving.settings import ServingSettings
 from ernie_cluster.serving.sse import DONE, peeked, sse
 
 logger = logging.getLogger(__name__)
-
-MAX_PROMPTS_PER_REQUEST = 256
-"""Prompts one /v1/completions request may batch (vLLM sets none; 1000 would hold a replica)."""
-# NOTE: tokenizing more text than this moves to a thread, off the event loop.
-_OFF_LOOP_CHARS = 32_768
 
 
 @dataclass
@@ -52,46 +48,10 @@ class CompletionHandler:
             items = list(raw)
         if not items:
             raise BadRequestError("prompt must not be empty", param="prompt")
-        if len(items) > MAX_PROMPTS_PER_REQUEST:
-            raise BadRequestError(
-                f"a request holds at most {MAX_PROMPTS_PER_REQUEST} prompts, got {len(items)}; "
-                "split the batch",
-                param="prompt",
-            )
-        self.settings.processor.check_text_size(
-            sum(len(item) for item in items if isinstance(item, str)), "prompt"
-        )
         return items
 
-    def plan(self, request: CompletionRequest, base_id: str) -> list[EngineRequest]:
-        """One engine request per prompt, all validated before any reaches the engine."""
-        constraint = request_constraint(request)
-        params = to_sampling_params(
-            request,
-            self.settings,
-            request.max_tokens,
-            logprobs=request.logprobs,
-            skip_special_tokens=request.skip_special_tokens,
-            constraint=constraint,
-        )
-        processor = self.settings.processor
-        tokenizer = self.settings.tokenizer
-        requests = []
-        for i, prompt in enumerate(self.prompts(request)):
-            engine_request = processor.process(
-                f"{base_id}-{i}", prompt, params, priority=request.priority
-            )
-            if engine_request.prompt_text is None and tokenizer is not None:
-                engine_request.prompt_text = tokenizer.decode(
-                    engine_request.prompt_token_ids, skip_special_tokens=False
-                )
-            requests.append(engine_request)
-        return requests
-
-    async def create(
-        self, request: CompletionRequest, session_key: str
-    ) -> tuple[CompletionResponse | AsyncIterator[str], str | None]:
-        """The response (or its SSE stream) and the replica serving the first prompt."""
+    def check(self, request: CompletionRequest, prompts: list[str | list[int]]) -> None:
+        """The cheap checks, before any prompt is tokenized: counts, lengths, limits."""
         if request.suffix:
             raise BadRequestError("suffix is not supported", param="suffix")
         if request.echo and request.logprobs is not None:
@@ -99,37 +59,73 @@ class CompletionHandler:
                 "echo with logprobs needs prompt logprobs, which this server does not compute",
                 param="echo",
             )
-        base_id = random_id("cmpl")
-        raw = request.prompt
-        size = len(raw) if isinstance(raw, str) else sum(len(p) for p in raw if isinstance(p, str))
+        check_request(request, self.settings.limits, num_prompts=len(prompts))
+        processor = self.settings.processor
         try:
-            if size > _OFF_LOOP_CHARS:
-                requests = await asyncio.to_thread(self.plan, request, base_id)
-            else:
-                requests = self.plan(request, base_id)
+            processor.check_text_size(
+                sum(len(item) for item in prompts if isinstance(item, str)), "prompt"
+            )
+            for item in prompts:
+                if not isinstance(item, str):
+                    processor.resolve_max_tokens(len(item), request.max_tokens)
+        except ValueError as exc:
+            raise bad_request(exc) from exc
+
+    def plan(self, request: CompletionRequest, base_id: str) -> list[EngineRequest]:
+        """One engine request per prompt, all validated before any reaches the engine.
+        Prompts are tokenized and their lengths checked before the (costlier) constraint is
+        built, so an over-long prompt is refused without building a grammar."""
+        processor = self.settings.processor
+        tokenizer = self.settings.tokenizer
+        tokenized = []
+        for prompt in self.prompts(request):
+            text, token_ids = processor.tokenize(prompt)
+            processor.resolve_max_tokens(len(token_ids), request.max_tokens)
+            if text is None and tokenizer is not None:
+                text = tokenizer.decode(token_ids, skip_special_tokens=False)
+            tokenized.append((text, token_ids))
+        params = to_sampling_params(
+            request,
+            self.settings,
+            request.max_tokens,
+            logprobs=request.logprobs,
+            skip_special_tokens=request.skip_special_tokens,
+            constraint=request_constraint(request),
+        )
+        requests = []
+        for i, (text, token_ids) in enumerate(tokenized):
+            engine_request = processor.process(
+                f"{base_id}-{i}", token_ids, params, priority=request.priority
+            )
+            engine_request.prompt_text = text
+            requests.append(engine_request)
+        return requests
+
+    async def create(
+        self, request: CompletionRequest, session_key: str, body_bytes: int = 0
+    ) -> tuple[CompletionResponse | AsyncIterator[str], str | None]:
+        """The response (or its SSE stream) and the replica serving it."""
+        self.check(request, self.prompts(request))
+        base_id = random_id("cmpl")
+        try:
+            requests = await plan_request(lambda: self.plan(request, base_id), body_bytes)
         except ValueError as exc:
             raise bad_request(exc) from exc
         prompts = [(r.prompt_text, r.prompt_token_ids) for r in requests]
         trackers = [self.metrics.track(r.request_id, len(r.prompt_token_ids)) for r in requests]
-        # NOTE: every prompt is submitted at once, so a batch shares engine steps.
-        results = await asyncio.gather(
-            *(peeked(self.client.generate(r, session_key=session_key)) for r in requests),
-            return_exceptions=True,
-        )
-        failure = next((r for r in results if isinstance(r, BaseException)), None)
-        if failure is not None:
-            for result in results:
-                if not isinstance(result, BaseException):
-                    await result.aclose()
-            for tracker in trackers:
-                tracker.finish(failure)
-            raise failure
-        streams = list(results)
-        replica = getattr(streams[0], "served_by", None)
-        if request.stream:
-            return self._stream(request, base_id, prompts, streams, trackers), replica
+        # NOTE: one call for every prompt: the batch is admitted at once and shares steps.
         try:
-            response = await self._collect(request, base_id, prompts, streams, trackers)
+            outputs = await peeked(self.client.generate_batch(requests, session_key=session_key))
+        except BaseException as exc:
+            for tracker in trackers:
+                tracker.finish(exc)
+            raise
+        first = outputs.first
+        replica = getattr(first[1], "served_by", None) if first is not None else None
+        if request.stream:
+            return self._stream(request, base_id, prompts, outputs, trackers), replica
+        try:
+            response = await self._collect(request, base_id, prompts, outputs, trackers)
         except BaseException as exc:
             for tracker in trackers:
                 tracker.finish(exc)
@@ -141,11 +137,12 @@ class CompletionHandler:
     def _choice_text(self, request, prompt_text: str | None, text: str, first: bool) -> str:
         return (prompt_text or "") + text if request.echo and first else text
 
-    async def _collect(self, request, base_id, prompts, streams, trackers) -> CompletionResponse:
+    async def _collect(self, request, base_id, prompts, outputs, trackers) -> CompletionResponse:
         n = request.n
-        results = await asyncio.gather(
-            *(drain(s, t) for s, t in zip(streams, trackers, strict=True))
-        )
+        results: list[dict[int, CompletionOutput]] = [{} for _ in prompts]
+        async for i, output in outputs:
+            trackers[i].on_output(output)
+            accumulate(results[i], output)
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, ((prompt_text, ids), samples) in enumerate(zip(prompts, results, strict=True)):
             prompt_tokens += len(ids)
@@ -172,38 +169,20 @@ class CompletionHandler:
         return CompletionResponse(
             id=base_id,
             model=request.model,
+            system_fingerprint=self.settings.system_fingerprint,
             choices=choices,
             usage=usage(prompt_tokens, completion_tokens, cached_tokens(trackers)),
         )
 
-    async def _stream(self, request, base_id, prompts, streams, trackers) -> AsyncIterator[str]:
+    async def _stream(self, request, base_id, prompts, outputs, trackers) -> AsyncIterator[str]:
         created = int(time.time())
         n = request.n
-        queue: asyncio.Queue = asyncio.Queue()
         echoed: set[int] = set()
         completion_tokens = 0
         error: BaseException | None = None
-
-        async def pump(i: int, stream) -> None:
-            try:
-                async for output in stream:
-                    trackers[i].on_output(output)
-                    await queue.put((i, output))
-            except BaseException as exc:
-                await queue.put((i, exc))
-            finally:
-                await queue.put((i, None))
-
-        tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
         try:
-            remaining = len(tasks)
-            while remaining:
-                i, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
+            async for i, item in outputs:
+                trackers[i].on_output(item)
                 for sample in item.outputs:
                     index = i * n + sample.index
                     text = sample.text
@@ -224,6 +203,7 @@ class CompletionHandler:
                             id=base_id,
                             created=created,
                             model=request.model,
+                            system_fingerprint=self.settings.system_fingerprint,
                             choices=[
                                 CompletionChoice(
                                     index=index,
@@ -242,6 +222,7 @@ class CompletionHandler:
                         id=base_id,
                         created=created,
                         model=request.model,
+                        system_fingerprint=self.settings.system_fingerprint,
                         choices=[],
                         usage=usage(prompt_tokens, completion_tokens, cached_tokens(trackers)),
                     )
@@ -260,24 +241,10 @@ class CompletionHandler:
             error = exc
             raise
         finally:
-            for task in tasks:
-                task.cancel()
-            # The pumps must be done with their streams before the streams are closed.
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for stream in streams:
-                await stream.aclose()
+            await outputs.aclose()
             for tracker in trackers:
                 tracker.finish(error)
 
 
 def cached_tokens(trackers) -> int:
     return sum(tracker.num_cached_tokens for tracker in trackers)
-
-
-async def drain(stream: AsyncIterator[RequestOutput], tracker) -> list[CompletionOutput]:
-    """All samples of one engine request, whole, in index order."""
-    samples: dict[int, CompletionOutput] = {}
-    async for output in stream:
-        tracker.on_output(output)
-        accumulate(samples, output)
-    return [samples[k] for k in sorted(samples)]

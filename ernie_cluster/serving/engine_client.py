@@ -17,7 +17,13 @@ from ernie_cluster.engine.async_engine import AsyncLLMEngine, EngineDeadError
 from ernie_cluster.engine.llm_engine import BatchFailedError
 from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import RequestOutput
-from ernie_cluster.serving.errors import EngineUnavailableError, OpenAIError, OverloadedError
+from ernie_cluster.serving.errors import (
+    BadRequestError,
+    EngineUnavailableError,
+    OpenAIError,
+    OverloadedError,
+)
+from ernie_cluster.structured_output.compiler import GrammarBusyError
 
 
 class EngineClient(Protocol):
@@ -25,6 +31,13 @@ class EngineClient(Protocol):
         self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """Stream deltas; raises OverloadedError / EngineUnavailableError / ValueError."""
+        ...
+
+    def generate_batch(
+        self, requests: list[EngineRequest], session_key: str | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Several requests as one call (a batched /v1/completions): admitted together or
+        refused together, their deltas merged as (index in `requests`, delta)."""
         ...
 
     async def check_health(self) -> None:
@@ -52,29 +65,48 @@ class LocalEngineClient:
         self.engine = engine
         self.max_waiting_requests = max_waiting_requests
 
-    def check_admission(self) -> None:
-        """Turn a request away when `max_waiting_requests` already queue beyond the free
-        batch slots (an idle engine takes a burst of max_num_seqs + max_waiting_requests)."""
+    def check_admission(self, num_sequences: int = 1) -> None:
+        """Turn work away when, with its `num_sequences` added, more than
+        `max_waiting_requests` sequences would queue beyond the free batch slots (an idle
+        engine takes a burst of max_num_seqs + max_waiting_requests sequences). Sequences,
+        not requests, are counted: one n=128 request is 128 sequences of work."""
         if self.max_waiting_requests is None:
             return
-        queued = self.engine.num_queued
-        if queued >= self.max_waiting_requests:
+        capacity = self.engine.engine.config.max_num_seqs + self.max_waiting_requests
+        if num_sequences > capacity:
+            raise BadRequestError(
+                f"the request asks for {num_sequences} sequences (n x prompts); this server "
+                f"admits at most {capacity} at once (max_num_seqs + --max-waiting-requests)",
+                param="n",
+            )
+        queued = self.engine.num_queued_after(num_sequences)
+        if queued > self.max_waiting_requests:
             raise OverloadedError(
-                f"the server is at capacity: {queued} requests queued beyond the running "
+                f"the server is at capacity: {queued} sequences would queue beyond the running "
                 f"batch (--max-waiting-requests {self.max_waiting_requests}); retry shortly"
             )
 
     async def generate(
         self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        self.check_admission()
+        async for _, output in self.generate_batch([request], session_key):
+            yield output
+
+    async def generate_batch(
+        self, requests: list[EngineRequest], session_key: str | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        # NOTE: nothing awaits between the admission check and the engine counting these
+        # sequences as waiting, so a burst cannot slip past the check together.
+        self.check_admission(sum(request.params.n for request in requests))
         try:
-            async for output in self.engine.generate_request(request):
-                yield output
+            async for item in self.engine.generate_requests(requests):
+                yield item
         except EngineDeadError as exc:
             raise EngineUnavailableError(str(exc)) from exc
         except BatchFailedError as exc:
             raise OpenAIError(str(exc), code="generation_failed") from exc
+        except GrammarBusyError as exc:  # other compiles fill the pool: a moment's load
+            raise OverloadedError(str(exc), retry_after_s=exc.retry_after_s) from exc
 
     async def check_health(self) -> None:
         try:

@@ -54,6 +54,14 @@ class PayloadTooLargeError(OpenAIError):
     error_type = "invalid_request_error"
 
 
+class HeadersTooLargeError(OpenAIError):
+    status_code = 431
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, code="headers_too_large", headers={"Connection": "close"})
+
+
 class OverloadedError(OpenAIError):
     """The waiting queue is full: try again shortly."""
 

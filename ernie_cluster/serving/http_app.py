@@ -29,6 +29,7 @@ from ernie_cluster.serving.errors import (
     AuthenticationError,
     BadRequestError,
     EngineUnavailableError,
+    HeadersTooLargeError,
     OpenAIError,
     PayloadTooLargeError,
 )
@@ -39,21 +40,32 @@ from ernie_cluster.serving.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
 )
 from ernie_cluster.serving.request_params import SESSION_HEADER, session_key
+from ernie_cluster.serving.tokenize_api import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 
 logger = logging.getLogger(__name__)
 
 REPLICA_HEADER = "x-ernie-replica"
 DISCONNECT_POLL_S = 0.5
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 500, 503)}
+ERROR_RESPONSES = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 408, 413, 431, 500, 503)
+}
 BODY_READ_TIMEOUT_S = 60.0
 """Longest a client may take to send a whole request body."""
 BODY_IDLE_TIMEOUT_S = 15.0
 """Longest a client may pause between two pieces of a request body."""
 OPEN_PATHS = ("/health",)
 """Paths that never need the API key (Kubernetes probes)."""
+KEYED_PATHS = ("/tokenize", "/detokenize", "/tokenizer_info")
+"""Paths outside /v1 that need the API key as the /v1 routes do (vLLM's tokenizer routes)."""
 
 
 class RequestTimeoutError(OpenAIError):
@@ -69,12 +81,14 @@ class RequestTimeoutError(OpenAIError):
 class RequestGate:
     """Checks that run before FastAPI parses anything.
 
-    1. The API key (so a bad body without a key is a 401, not a 400), with
+    1. The size of the request line and headers: 431 past `max_header_bytes`.
+    2. The API key (so a bad body without a key is a 401, not a 400), with
        `WWW-Authenticate: Bearer` on the 401.
-    2. The body size: 413 by Content-Length, or once a body without one passes the limit.
-    3. The body read, buffered here under two timeouts: a client that declares 1000 bytes and
+    3. The body size: 413 by Content-Length, or once a body without one passes the limit.
+    4. The body read, buffered here under two timeouts: a client that declares 1000 bytes and
        sends 10 gets a 408 after `body_idle_timeout_s` instead of holding the connection
-       (slowloris); a trickle of bytes gets one after `body_read_timeout_s`.
+       (slowloris); a trickle of bytes gets one after `body_read_timeout_s`. A client that
+       leaves mid-body gets nothing (the request counts as aborted).
     """
 
     def __init__(
@@ -85,6 +99,7 @@ class RequestGate:
         auth_all_routes: bool = False,
         body_read_timeout_s: float = BODY_READ_TIMEOUT_S,
         body_idle_timeout_s: float = BODY_IDLE_TIMEOUT_S,
+        max_header_bytes: int = 65536,
     ) -> None:
         if body_read_timeout_s <= 0 or body_idle_timeout_s <= 0:
             raise ValueError(
@@ -97,12 +112,23 @@ class RequestGate:
         self.auth_all_routes = auth_all_routes
         self.body_read_timeout_s = body_read_timeout_s
         self.body_idle_timeout_s = body_idle_timeout_s
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        headers = dict(scope.get("headers") or [])
+        raw_headers = scope.get("headers") or []
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in raw_headers)
+        header_bytes += len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"")
+        if header_bytes > self.max_header_bytes:
+            error = HeadersTooLargeError(
+                f"the request line and headers are {header_bytes} bytes; this server accepts "
+                f"at most {self.max_header_bytes} (--max-header-bytes)"
+            )
+            await _send_error(error, send)
+            return
+        headers = dict(raw_headers)
         if self._needs_key(scope.get("path", "")) and not self._authorized(headers):
             error = AuthenticationError(
                 "missing or invalid API key: send 'Authorization: Bearer <key>'",
@@ -123,6 +149,8 @@ class RequestGate:
         except OpenAIError as error:
             await _send_error(error, send)
             return
+        if messages[-1]["type"] == "http.disconnect":
+            return  # the client left mid-body: nobody to answer, nothing to run
 
         async def replay() -> Message:
             return messages.pop(0) if messages else await receive()
@@ -132,7 +160,9 @@ class RequestGate:
     def _needs_key(self, path: str) -> bool:
         if self.api_key is None or path in OPEN_PATHS:
             return False
-        return self.auth_all_routes or path == "/v1" or path.startswith("/v1/")
+        return (
+            self.auth_all_routes or path in KEYED_PATHS or path == "/v1" or path.startswith("/v1/")
+        )
 
     def _authorized(self, headers: dict[bytes, bytes]) -> bool:
         scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
@@ -372,17 +402,35 @@ def build_http_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         serving.check_model(body.model)
         key = session_key(request.headers.get(SESSION_HEADER), body.user, body)
-        result, replica = await until_disconnected(request, serving.chat.create(body, key))
+        work = serving.chat.create(body, key, len(await request.body()))
+        result, replica = await until_disconnected(request, work)
         return _respond(result, replica)
 
     async def completions(body: CompletionRequest, request: Request) -> Response:
         serving.check_model(body.model)
         key = session_key(request.headers.get(SESSION_HEADER), body.user, body)
-        result, replica = await until_disconnected(request, serving.completions.create(body, key))
+        work = serving.completions.create(body, key, len(await request.body()))
+        result, replica = await until_disconnected(request, work)
         return _respond(result, replica)
 
     async def models(request: Request) -> ModelList:
         return serving.models()
+
+    async def model(model_id: str) -> ModelCard:
+        return serving.model(model_id)
+
+    async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
+        if body.model is not None:
+            serving.check_model(body.model)
+        return await serving.tokenizer_routes.tokenize(body, len(await request.body()))
+
+    async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+        if body.model is not None:
+            serving.check_model(body.model)
+        return await serving.tokenizer_routes.detokenize(body, len(await request.body()))
+
+    async def tokenizer_info() -> Response:
+        return JSONResponse(serving.tokenizer_routes.tokenizer_info())
 
     async def health() -> Response:
         try:
@@ -402,6 +450,10 @@ def build_http_app(
         ("/v1/chat/completions", chat_completions, ["POST"], ChatCompletionResponse, sse_or_json),
         ("/v1/completions", completions, ["POST"], CompletionResponse, sse_or_json),
         ("/v1/models", models, ["GET"], ModelList, {}),
+        ("/v1/models/{model_id:path}", model, ["GET"], ModelCard, {}),
+        ("/tokenize", tokenize, ["POST"], TokenizeResponse, {}),
+        ("/detokenize", detokenize, ["POST"], DetokenizeResponse, {}),
+        ("/tokenizer_info", tokenizer_info, ["GET"], None, {}),
         ("/health", health, ["GET"], None, {}),
         ("/metrics", metrics, ["GET"], None, prometheus),
     ]
@@ -455,6 +507,7 @@ def build_http_app(
         auth_all_routes=auth_all_routes,
         body_read_timeout_s=body_read_timeout_s,
         body_idle_timeout_s=body_idle_timeout_s,
+        max_header_bytes=settings.limits.max_header_bytes,
     )
     # NOTE: added last, so it wraps the gate and counts its 401/408/413 refusals too.
     return with_request_counter(app, serving.metrics)

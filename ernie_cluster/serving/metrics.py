@@ -37,6 +37,8 @@ ENGINE_GAUGES = {
         "ernie_expert_load_imbalance",
         "max/mean tokens per expert, worst layer",
     ),
+    "host_kv_blocks_used": ("ernie_host_kv_blocks_used", "Host KV tier blocks holding a prefix"),
+    "host_kv_blocks_total": ("ernie_host_kv_blocks_capacity", "Host KV tier blocks (0: off)"),
 }
 ENGINE_COUNTERS = {  # exposed with the `_total` suffix
     "num_preemptions": ("ernie_num_preemptions", "Requests preempted so far"),
@@ -44,6 +46,25 @@ ENGINE_COUNTERS = {  # exposed with the `_total` suffix
     "num_generated_tokens": ("ernie_generation_tokens", "Tokens generated"),
     "prefix_cache_queries": ("ernie_prefix_cache_queries", "Prompt tokens looked up"),
     "prefix_cache_hits": ("ernie_prefix_cache_hits", "Prompt tokens found in the prefix cache"),
+    "host_kv_hit_tokens": (
+        "ernie_host_kv_hit_tokens",
+        "Prompt tokens copied back from the host KV tier instead of recomputed",
+    ),
+    "host_kv_swapped_in_tokens": (
+        "ernie_host_kv_swapped_in_tokens",
+        "Host-tier hit tokens of preempted requests (swap instead of recompute)",
+    ),
+    "host_kv_blocks_saved": ("ernie_host_kv_blocks_saved", "KV blocks written to the host"),
+    "host_kv_blocks_loaded": ("ernie_host_kv_blocks_loaded", "KV blocks copied back"),
+    "host_kv_blocks_dropped": (
+        "ernie_host_kv_blocks_dropped",
+        "Host KV blocks evicted or not written for lack of room",
+    ),
+    "host_kv_bytes_moved": ("ernie_host_kv_bytes_moved", "Bytes copied device<->host, all ranks"),
+    "host_kv_load_wait_s": (
+        "ernie_host_kv_load_wait_seconds",
+        "Seconds requests waited for host KV blocks to come back",
+    ),
 }
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 STATUS_LABELS = {
@@ -52,6 +73,7 @@ STATUS_LABELS = {
     404: "not_found",
     408: "timeout",
     413: "too_large",
+    431: "too_large",
     499: "aborted",
     503: "unavailable",
 }

@@ -17,11 +17,16 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 Temperature = Annotated[float, Field(ge=0.0, le=100.0)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenId = StrictInt
+"""A token id: an integer, never a boolean (pydantic would take `true` as 1)."""
+TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
+"""OpenAI's rule for function names: nothing a name holds can break the tool-call layout."""
+Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 def random_id(prefix: str) -> str:
@@ -33,14 +38,15 @@ class OpenAIModel(BaseModel):
 
 
 class RequestBody(OpenAIModel):
-    """A top-level request: unknown fields are errors."""
+    """A top-level request: unknown fields are errors, and so are NaN and infinite numbers
+    (a NaN temperature is "not a finite number", not "greater than 100")."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 # ------------------------------------------------------------------------------ requests
 class FunctionDefinition(OpenAIModel):
-    name: str = Field(min_length=1, max_length=256)
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -128,7 +134,7 @@ class SamplingFields(RequestBody):
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] = 1
     stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None
+    stop_token_ids: list[Annotated[TokenId, Field(ge=0)]] | None = None
     seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
@@ -138,7 +144,7 @@ class SamplingFields(RequestBody):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: int = 0
+    priority: Priority = 0
     skip_special_tokens: bool = True
     logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     response_format: ResponseFormat | None = None
@@ -160,6 +166,18 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool = True
+    # OpenAI's legacy function calling: mapped onto tools (one call), answered as
+    # `message.function_call` with finish_reason "function_call", as OpenAI does.
+    functions: list[FunctionDefinition] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+    # Accepted as OpenAI clients send them. ERNIE-4.5-Thinking's template always thinks, so
+    # `reasoning_effort` and `verbosity` change nothing; output is text only, so `modalities`
+    # may only ask for text, `audio` must be null and `web_search_options` is refused.
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
@@ -168,9 +186,29 @@ class ChatCompletionRequest(SamplingFields):
     add_generation_prompt: bool = True
     include_reasoning: bool = True
 
+    @model_validator(mode="after")
+    def _functions_as_tools(self) -> ChatCompletionRequest:
+        if self.functions is None and self.function_call is None:
+            return self
+        if self.tools is not None or self.tool_choice is not None:
+            raise ValueError(
+                "give tools/tool_choice or the legacy functions/function_call, not both"
+            )
+        self.tools = [Tool(function=f) for f in self.functions or []]
+        if isinstance(self.function_call, NamedFunction):
+            self.tool_choice = NamedToolChoice(function=self.function_call)
+        else:
+            self.tool_choice = self.function_call
+        self.parallel_tool_calls = False
+        return self
+
+    @property
+    def uses_legacy_functions(self) -> bool:
+        return self.functions is not None
+
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     max_tokens: Annotated[int, Field(ge=1)] | None = 16
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
@@ -183,6 +221,9 @@ class Usage(OpenAIModel):
     completion_tokens: int = 0
     total_tokens: int = 0
     prompt_tokens_details: dict[str, int] | None = None
+    completion_tokens_details: dict[str, int] | None = None
+    """`reasoning_tokens`: the completion tokens up to and including `</think>` (with a
+    reasoning parser)."""
 
 
 class TopLogprob(OpenAIModel):
@@ -215,6 +256,8 @@ class AssistantMessage(OpenAIModel):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
+    function_call: FunctionCallOut | None = None
+    """The legacy answer to a request that gave `functions`."""
 
 
 class ChatChoice(OpenAIModel):
@@ -232,6 +275,7 @@ class ChatCompletionResponse(OpenAIModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    system_fingerprint: str | None = None
 
 
 class FunctionCallDelta(OpenAIModel):
@@ -251,6 +295,7 @@ class DeltaOut(OpenAIModel):
     content: str | None = None
     reasoning_content: str | None = None
     tool_calls: list[ToolCallDeltaOut] | None = None
+    function_call: FunctionCallDelta | None = None
 
 
 class ChatChunkChoice(OpenAIModel):
@@ -267,6 +312,7 @@ class ChatCompletionChunk(OpenAIModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class CompletionLogprobs(OpenAIModel):
@@ -291,6 +337,7 @@ class CompletionResponse(OpenAIModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+    system_fingerprint: str | None = None
 
 
 class ModelCard(OpenAIModel):

@@ -4,13 +4,14 @@ CLI/config. `ServingSettings.from_checkpoint` is the one way to build them."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.inputs.model_facts import ModelFacts
 from ernie_cluster.inputs.processor import InputProcessor
+from ernie_cluster.serving.limits import RequestLimits
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
 from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
 
@@ -28,6 +29,8 @@ class ServingSettings:
     max_request_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     auth_all_routes: bool = False
     """The API key guards /metrics and the API docs too (only /health stays open)."""
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    """The operator's bounds on one request's work (stop strings, constraints, tools...)."""
 
     def __post_init__(self) -> None:
         if not self.served_model_names:
@@ -61,6 +64,16 @@ class ServingSettings:
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_dir)
         facts = ModelFacts.load(model_dir, model_config, tokenizer, max_model_len)
         return cls(served_model_names, facts, tokenizer, **options)
+
+    @cached_property
+    def system_fingerprint(self) -> str:
+        """OpenAI's `system_fingerprint`: changes when the server's code or model setup does."""
+        import hashlib
+
+        import ernie_cluster
+
+        material = f"{ernie_cluster.__version__}|{self.model_name}|{self.max_model_len}"
+        return "fp_" + hashlib.blake2b(material.encode(), digest_size=5).hexdigest()
 
     @property
     def model_name(self) -> str:

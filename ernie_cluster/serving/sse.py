@@ -15,17 +15,22 @@ DONE = "data: [DONE]\n\n"
 
 
 def sse(payload: BaseModel | dict) -> str:
+    """One event. Absent fields are left out, except a choice's `finish_reason`, which is
+    null until the last chunk, as OpenAI sends it (clients read it on every chunk)."""
     if isinstance(payload, BaseModel):
-        body = payload.model_dump_json(exclude_none=True)
-    else:
-        body = json.dumps(payload, ensure_ascii=False)
+        payload = payload.model_dump(mode="json", exclude_none=True)
+        for choice in payload.get("choices", ()):
+            choice.setdefault("finish_reason", None)
+    body = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
     return f"data: {body}\n\n"
 
 
 class Peeked:
-    """An async iterator that already holds its first item; `served_by` is read off it."""
+    """An async iterator that already holds its first item (`first`, None for an empty
+    stream); `served_by` is read off it."""
 
     def __init__(self, first, iterator) -> None:
+        self.first = first
         self.served_by = getattr(first, "served_by", None)
         self._gen = self._replay(first, iterator)
 

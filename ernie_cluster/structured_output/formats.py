@@ -76,7 +76,13 @@ def _check_schema(schema: dict[str, Any], param: str) -> None:
             f"{param} is not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}",
             param=param,
         ) from exc
-    for path, keyword in _keywords(schema, ""):
+    for path, keyword, value in _keywords(schema, ""):
+        if keyword == "$ref" and not (isinstance(value, str) and value.startswith("#")):
+            raise InputError(
+                f"{param} has a $ref to {value!r} at {path or '/'}: only references inside the "
+                "schema ('#/$defs/...') are followed; inline the referenced schema",
+                param=param,
+            )
         if keyword in _UNENFORCED_KEYWORDS:
             raise InputError(
                 f"{param} uses the keyword {keyword!r} at {path or '/'}, which structured "
@@ -125,9 +131,9 @@ def _with_safe_string_lengths(schema: dict[str, Any]) -> dict[str, Any]:
     return copy
 
 
-def _keywords(node: Any, path: str) -> Iterator[tuple[str, str]]:
-    """(path, keyword) of every schema keyword, nested schemas included (iterative: schemas
-    come from users and may nest deeply)."""
+def _keywords(node: Any, path: str) -> Iterator[tuple[str, str, Any]]:
+    """(path, keyword, value) of every schema keyword, nested schemas included (iterative:
+    schemas come from users and may nest deeply)."""
     stack = [(node, path)]
     while stack:
         current, where = stack.pop()
@@ -139,7 +145,7 @@ def _keywords(node: Any, path: str) -> Iterator[tuple[str, str]]:
                     continue
                 if key in ("enum", "const", "required", "examples", "default"):
                     continue
-                yield where, key
+                yield where, key, value
                 stack.append((value, f"{where}/{key}"))
         elif isinstance(current, list):
             stack.extend((v, f"{where}/{i}") for i, v in enumerate(current))

@@ -3,20 +3,29 @@ it accepts, and the step's token bitmask for the constrained rows that sample.
 
 Lives with the scheduler, so preemption, recompute, prefix-cache hits and n > 1 need nothing
 special: a matcher follows a sequence's output tokens, which none of those change. Only rank 0
-(the sampler) ever sees the bitmask.
+(the sampler) ever sees the bitmask. A sequence runs only once its grammar compiled; one whose
+compile failed, overran or could not start in time is reported by `failures` (the engine ends
+its request with that worded error) and never runs.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
+from typing import Any
 
 import xgrammar
 
 from ernie_cluster.step_io import GrammarBitmask
-from ernie_cluster.structured_output.compiler import GrammarCompiler
+from ernie_cluster.structured_output.compiler import (
+    CompileJob,
+    CompileLimits,
+    GrammarCompiler,
+    GrammarError,
+)
 from ernie_cluster.structured_output.params import GrammarSpec
 from ernie_cluster.structured_output.utf8_guard import Utf8Guard
 from ernie_cluster.tokenizer import Tokenizer
@@ -29,37 +38,56 @@ class GrammarState:
     """One sequence's constraint."""
 
     spec: GrammarSpec
-    future: Future
+    job: CompileJob
     stop_token_ids: list[int]
     matcher: xgrammar.GrammarMatcher | None = field(default=None, repr=False)
     active: bool = False
     """The constraint applies (its start token was generated, or it has none)."""
     error: str | None = None
     last_token: int | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    released: bool = False
+    _ready: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self.active = self.spec.start_token_id is None
 
     @property
-    def is_ready(self) -> bool:
-        """Compiled (or failed): the sequence may be scheduled."""
-        return self.future.done()
+    def future(self) -> Future:
+        return self.job.future
 
-    def _matcher(self) -> xgrammar.GrammarMatcher | None:
-        if self.matcher is None and self.error is None:
-            try:
-                compiled = self.future.result()
-            except Exception as exc:
-                self.error = f"the output constraint failed to compile: {exc}"
-                return None
+    @property
+    def is_ready(self) -> bool:
+        """Compiled: the sequence may be scheduled. (One whose compile failed never is: the
+        engine ends its request with `failure`.)"""
+        if not self._ready:
+            future = self.job.future
+            self._ready = future.done() and not future.cancelled() and future.exception() is None
+        return self._ready
+
+    @property
+    def failure(self) -> GrammarError | None:
+        """Why this sequence's grammar will never come (compile error, timeout, busy pool)."""
+        if self.is_ready:
+            return None
+        return self.job.failure(time.monotonic() - self.submitted_at)
+
+    def release(self) -> None:
+        """The sequence ended: stop waiting for the compile (the last waiter cancels it)."""
+        if not self.released:
+            self.released = True
+            self.job.release()
+
+    def _matcher(self) -> xgrammar.GrammarMatcher:
+        if self.matcher is None:  # only once ready: a failed compile never runs a step
             self.matcher = xgrammar.GrammarMatcher(
-                compiled, override_stop_tokens=self.stop_token_ids or None
+                self.job.future.result(), override_stop_tokens=self.stop_token_ids or None
             )
         return self.matcher
 
     @property
     def constrains_next_token(self) -> bool:
-        return self.active and self._matcher() is not None and not self.matcher.is_terminated()
+        return self.active and not self._matcher().is_terminated()
 
     def accept(self, token: int) -> bool:
         """Advance by one generated token; True when the constraint is complete (the sequence
@@ -69,8 +97,6 @@ class GrammarState:
             self.active = token == self.spec.start_token_id
             return False
         matcher = self._matcher()
-        if matcher is None:
-            return True
         if not matcher.accept_token(token):
             self.error = f"token {token} broke the output constraint"
             logger.error("%s (grammar %s)", self.error, self.spec.structural_tag[:200])
@@ -82,11 +108,16 @@ class StructuredOutputManager:
     """Compiles the engine's grammars and builds each step's bitmask."""
 
     def __init__(
-        self, tokenizer: Tokenizer | None, vocab_size: int, eos_token_ids: Iterable[int]
+        self,
+        tokenizer: Tokenizer | None,
+        vocab_size: int,
+        eos_token_ids: Iterable[int],
+        limits: CompileLimits,
     ) -> None:
         self._tokenizer = tokenizer
         self._vocab_size = vocab_size
         self._eos_token_ids = sorted(set(eos_token_ids))
+        self._limits = limits
         self._compiler: GrammarCompiler | None = None
         self._utf8_guard: Utf8Guard | None = None
 
@@ -95,14 +126,30 @@ class StructuredOutputManager:
         if self._compiler is None:  # built on first use: serving without grammars costs nothing
             if self._tokenizer is None:
                 raise ValueError("structured outputs need a checkpoint with a tokenizer")
-            self._compiler = GrammarCompiler(self._tokenizer, self._vocab_size, self._eos_token_ids)
+            self._compiler = GrammarCompiler(
+                self._tokenizer, self._vocab_size, self._eos_token_ids, self._limits
+            )
             self._utf8_guard = Utf8Guard(self._tokenizer)
         return self._compiler
 
     def new_state(self, spec: GrammarSpec, stop_token_ids: Iterable[int]) -> GrammarState:
-        """Start compiling `spec` (or reuse its cached compilation) for one sequence."""
+        """Start compiling `spec` (or reuse its cached compilation) for one sequence; raises
+        `GrammarBusyError` when too many compiles already wait."""
         stops = sorted(set(stop_token_ids)) or self._eos_token_ids
         return GrammarState(spec, self.compiler.submit(spec), stops)
+
+    def failures(self, requests: Iterable[Any]) -> list[tuple[Any, GrammarError]]:
+        """The requests (anything with a `.grammar`) whose grammar will never come, each with
+        its worded error; also lets the pool replace compiles that ran past the timeout."""
+        if self._compiler is None:
+            return []
+        self._compiler.poll()
+        failed = []
+        for request in requests:
+            state = request.grammar
+            if state is not None and (error := state.failure) is not None:
+                failed.append((request, error))
+        return failed
 
     @staticmethod
     def wait_for_any(states: Iterable[GrammarState], timeout_s: float) -> None:

@@ -24,6 +24,7 @@ from ernie_cluster.sample.grammar_mask import apply_grammar_bitmask
 from ernie_cluster.sample.sampling_state import record_sampled
 from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
+from ernie_cluster.worker.kv_offload import HostKVPool
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,9 @@ class ModelRunner:
         # NOTE: one spare block past the pool: CUDA-graph padding rows write their K/V there.
         self.kv_caches = allocate_kv_caches(model, num_blocks + 1, self.block_size, self.device)
         model.bind_kv_caches(self.kv_caches)
+        self.kv_offload = HostKVPool.sized(
+            self.kv_caches, self.block_size, config.kv_offload_gb, config.num_host_kv_blocks
+        )
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
         max_model_len = config.max_model_len or model.config.max_position_embeddings
@@ -165,6 +169,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        if self.kv_offload is not None:  # host KV tier copies (worker/kv_offload.py)
+            self.kv_offload.execute(out.kv_saves, out.kv_loads)
         self.update_states(out)
         if out.is_empty:
             return ModelRunnerOutput()

@@ -73,6 +73,11 @@ class Worker:
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute_model(scheduler_output)
 
+    def host_kv_tier(self) -> tuple[int, int]:
+        """(host KV blocks, bytes per block) of this rank's host tier; (0, 0) when off."""
+        pool = self.runner.kv_offload
+        return (0, 0) if pool is None else (pool.num_host_blocks, pool.block_bytes)
+
     def expert_load(self) -> torch.Tensor:
         """[moe_layers, experts] tokens routed to this rank's experts since start."""
         return self.model.expert_load()

@@ -167,3 +167,79 @@ def test_cli_help_lists_the_flags():
     ).stdout
     for flag in ("--max-context", "--turn-tokens", "--base-url-cached", "--base-url-uncached"):
         assert flag in out
+
+
+SESSIONS, SESSION_CONTEXT, SESSION_TURN_TOKENS = 3, 2048, 256
+DEVICE_BLOCKS = 160  # 2560 tokens: the three sessions' 6K overflow it
+
+
+@pytest.fixture(scope="module")
+def sessions_report(tiny_checkpoint, tmp_path_factory):
+    config = LongSessionConfig(
+        model=str(tiny_checkpoint),
+        max_context=SESSION_CONTEXT,
+        turn_tokens=SESSION_TURN_TOKENS,
+        output_len=OUTPUT_LEN,
+        dtype="float32",
+        sessions=SESSIONS,
+        kv_offload_gb=0.05,
+        server_args=["--num-kv-blocks", str(DEVICE_BLOCKS)],
+        out_dir=str(tmp_path_factory.mktemp("long_session_sessions")),
+        progress=False,
+        startup_timeout_s=120,
+        timeout_s=120,
+    )
+    return run_long_session(config)
+
+
+@pytest.mark.slow
+def test_sessions_return_from_the_host_tier_not_recompute(sessions_report, regenerated_tail):
+    """Round-robin sessions overflow the device pool: with the host tier every returning turn
+    still reuses its whole previous prompt (copied back); without it, later returning turns
+    find their prefix evicted and recompute it. Both servers saw the same prompts."""
+    report = sessions_report
+    assert report["failed"] == 0, report["runs"]
+    on, off = ok_turns(report, "tier-on"), ok_turns(report, "tier-off")
+    assert [(t["session"], t["prompt_digest"]) for t in on] == [
+        (t["session"], t["prompt_digest"]) for t in off
+    ]
+    previous: dict[int, dict] = {}
+    evicted = 0
+    for turn_on, turn_off in zip(on, off, strict=True):
+        prev = previous.get(turn_on["session"])
+        previous[turn_on["session"]] = turn_on
+        if prev is None:
+            continue
+        reusable = prev["prompt_tokens"] - regenerated_tail
+        assert reusable - BLOCK_SIZE < turn_on["cached_tokens"] <= reusable, (prev, turn_on)
+        evicted += turn_off["cached_tokens"] <= reusable - SESSION_TURN_TOKENS
+        # the sibling turn found the same history on the device
+        assert turn_on["device_hit_cached_tokens"] >= turn_on["cached_tokens"] - BLOCK_SIZE
+    assert evicted >= SESSIONS  # the tier-off server lost prefixes the tier-on one kept
+    host = report["host_tier"]
+    assert host["ernie_host_kv_blocks_loaded_total"] > 0
+    assert host["ernie_host_kv_hit_tokens_total"] > 0
+    assert host["blocks_moved"] > 0 and host["host_bytes_used"] > 0
+    assert not any(report["runs"]["tier-off"]["host_tier"].values())
+    assert "--kv-offload-gb" in report["runs"]["tier-on"]["server_args"]
+    assert "--kv-offload-gb" not in report["runs"]["tier-off"]["server_args"]
+
+
+@pytest.mark.slow
+def test_sessions_report_table_and_files(sessions_report):
+    rows = [row for row in sessions_report["buckets"] if row["sessions"]]
+    assert rows, sessions_report["buckets"]
+    for row in rows:
+        for key in ("ttft_tier_off_s", "ttft_tier_on_s", "ttft_device_hit_s", "off_over_on"):
+            assert row[key] is not None and row[key] > 0, (key, row)
+    table = format_report(sessions_report)
+    assert "device hit ms" in table and "host tier:" in table
+    with open(sessions_report["files"]["png"], "rb") as png:
+        assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sessions_cannot_attach_to_running_servers():
+    with pytest.raises(ValueError, match="--sessions 2 spawns its two servers"):
+        LongSessionConfig(sessions=2, base_url_cached="http://127.0.0.1:1")
+    with pytest.raises(ValueError, match="sessions must be >= 1, got 0"):
+        LongSessionConfig(sessions=0)

@@ -312,6 +312,7 @@ def settings_for(
         max_model_len=max_model_len,
         eos_token_ids=frozenset(tokenizer.stop_token_ids_default()),
         reasoning_end_token_id=tokenizer.token_to_id("</think>"),
+        answer_start_token_id=tokenizer.token_to_id("<response>"),
     )
     return ServingSettings(names, facts, tokenizer, **kwargs)
 
@@ -393,6 +394,14 @@ class ScriptedClient:
             )
             if is_last:
                 return
+
+    async def generate_batch(
+        self, requests: list[EngineRequest], session_key: str | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Each request's script in turn (a double: no interleaving to model)."""
+        for index, request in enumerate(requests):
+            async for output in self.generate(request, session_key):
+                yield index, output
 
     async def check_health(self) -> None:
         """Always healthy."""

@@ -50,13 +50,18 @@ def reference(text: str, reasoning: bool, tools: bool) -> ParsedMessage:
     calls: list[ToolCall] = []
     opens = ["<response>", "<tool_call>"] if tools else ["<response>"]
     pos = 0
+    closed = False  # after a closed response block, loose text is not content
+
+    def loose(piece: str) -> list[tuple[str, bool]]:
+        return [] if closed else [(c, False) for c in piece]
+
     while True:
         hits = [(text.find(tag, pos), tag) for tag in opens if text.find(tag, pos) >= 0]
         if not hits:
-            chars += [(c, False) for c in text[pos:]]
+            chars += loose(text[pos:])
             break
         start, tag = min(hits)
-        chars += [(c, False) for c in text[pos:start]]
+        chars += loose(text[pos:start])
         close = "</response>" if tag == "<response>" else "</tool_call>"
         body_start = start + len(tag)
         end = text.find(close, body_start)
@@ -67,10 +72,11 @@ def reference(text: str, reasoning: bool, tools: bool) -> ParsedMessage:
             if end >= 0:
                 body = body.removesuffix("\n")
             chars += [(c, True) for c in body]
+            closed = closed or end >= 0
             continue
         decoded = None if end < 0 else decode_tool_call(body)
         if decoded is None:
-            chars += [(c, False) for c in text[start:pos]]
+            chars += loose(text[start:pos])
         else:
             calls.append(call(len(calls), *decoded))
     while chars and not chars[0][1] and chars[0][0].isspace():

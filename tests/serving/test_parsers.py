@@ -211,6 +211,11 @@ CASES = {
         "Thinking.\n",
         "Line one\n\n  indented\n",
     ),
+    "text_after_response": Case(  # FastDeploy's own vector: only the response body counts
+        "Think.\n</think>\n\n<response>\nThe answer.\n</response>\nAnd some trailing words.",
+        "Think.",
+        "The answer.",
+    ),
     "empty_answer": Case(
         "Nothing to say.\n</think>\n\n<response>\n\n</response>\n", "Nothing to say.", None
     ),

@@ -196,6 +196,14 @@ def test_refused_requests_are_counted(server, client):
         assert after.get(status, 0) - before.get(status, 0) == 1, (status, before, after)
 
 
+def ingress_answers(url: str) -> bool:
+    """The proxy holds a request until the ingress replica runs (seconds on a loaded machine)."""
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.TimeoutException:
+        return False
+
+
 def test_health_and_requests_are_503_while_no_replica_can_be_placed(server, tiny_checkpoint):
     """An app whose model replica cannot be placed (it asks for more CPUs than the cluster
     has): /health and requests answer 503 + Retry-After within the ingress's bounds instead
@@ -221,7 +229,7 @@ def test_health_and_requests_are_503_while_no_replica_can_be_placed(server, tiny
     base = f"{server}/unplaced"
     try:
         deadline = time.monotonic() + 60  # until the ingress is up
-        while httpx.get(f"{base}/v1/models", timeout=10).status_code != 200:
+        while not ingress_answers(f"{base}/v1/models"):
             assert time.monotonic() < deadline, "the ingress never came up"
             time.sleep(0.5)
         started = time.monotonic()
@@ -298,3 +306,28 @@ def test_single_hop_layout(server, tiny_checkpoint):
         assert whole.usage.completion_tokens >= 1
     finally:
         serve.delete("ernie-single")
+
+
+def test_batched_completions_next_to_other_clients(server):
+    """3, 10 and 40 prompts in one request while another client sends single requests: all
+    answer, and each choice is what its prompt gets alone (Serve once dropped a batch's
+    per-prompt calls as duplicates of the ingress request: 503 after 5 s, for everyone)."""
+    from latency_watch import LatencyWatch
+
+    def complete(prompt, max_tokens=3) -> httpx.Response:
+        body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+        return httpx.post(f"{server}/v1/completions", json=body, timeout=120)
+
+    alone = {i: complete(f"prompt number {i}").json()["choices"][0]["text"] for i in range(3)}
+
+    def batches() -> list[httpx.Response]:
+        return [complete([f"prompt number {i}" for i in range(size)]) for size in (3, 10, 40)]
+
+    small = {"model": "tiny", "prompt": "another client", "max_tokens": 3}
+    with httpx.Client(base_url=server, timeout=120) as http:
+        responses = LatencyWatch(http, ("/v1/completions", small)).during(batches)
+    for size, batch in zip((3, 10, 40), responses, strict=True):
+        assert batch.status_code == 200, batch.text
+        choices = batch.json()["choices"]
+        assert [c["index"] for c in choices] == list(range(size))
+        assert [c["text"] for c in choices[:3]] == [alone[i] for i in range(3)]

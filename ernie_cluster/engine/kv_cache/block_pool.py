@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -67,6 +67,9 @@ class BlockPool:
         self._num_free = 0
         for block in self.blocks:
             self._append_free(block)
+        # Called with a cached-free block just before reallocation drops its hash (and its KV
+        # is overwritten): the host tier's write-on-evict hook.
+        self.on_evict: Callable[[KVBlock], None] | None = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -95,6 +98,8 @@ class BlockPool:
             )
         self._unlink_free(block)
         if block.block_hash is not None:
+            if self.on_evict is not None:
+                self.on_evict(block)
             self._evict(block)
         block.ref_cnt = 1
         return block

@@ -1,8 +1,9 @@
 """Per-request KV block tables on top of the BlockPool, with automatic prefix caching.
 
 Owns which blocks each request holds, the chained hashes of its full blocks and the prefix
-cache hit-rate counters. It never touches tensors and never decides scheduling: callers ask
-whether blocks fit, and a failed allocation changes nothing.
+cache hit-rate counters; with a host tier (host_tier.py), also the device<->host copies a step
+must run. It never touches tensors and never decides scheduling: callers ask whether blocks
+fit, and a failed allocation changes nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ernie_cluster.engine.kv_cache.block_pool import BlockPool, KVBlock, hash_block_tokens
+from ernie_cluster.engine.kv_cache.host_tier import HostTier
 
 
 @dataclass(slots=True)
@@ -37,11 +39,31 @@ class KVCacheManager:
     """
 
     def __init__(
-        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        num_host_blocks: int = 0,
+        write_through: bool = False,
     ) -> None:
+        """`num_host_blocks` > 0 adds a host tier under the prefix cache. Full blocks go down
+        to it when the device pool evicts them, or (`write_through`) as soon as they are
+        published."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
+        if num_host_blocks < 0:
+            raise ValueError(f"num_host_blocks must be >= 0, got {num_host_blocks}")
+        if num_host_blocks and not enable_prefix_caching:
+            raise ValueError("the host KV tier needs prefix caching (its blocks are found by hash)")
         self._pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.host = HostTier(num_host_blocks) if num_host_blocks else None
+        self.write_through = write_through
+        # This step's copies, handed to the workers by `take_copy_ops`:
+        # (device block, host slot) saves and (host slot, device block) loads.
+        self._saves: list[tuple[int, int]] = []
+        self._loads: list[tuple[int, int]] = []
+        if self.host is not None:
+            self._pool.on_evict = self._save_block
         self._block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.stats = PrefixCacheStats()
@@ -197,9 +219,11 @@ class KVCacheManager:
         for index in range(start, num_full):
             block_hash = self._block_hash(request_id, token_ids, index)
             parent_hash = self._req_hashes[request_id][index - 1] if index > 0 else None
-            self._pool.cache_full_block(
+            published = self._pool.cache_full_block(
                 blocks[index], block_hash, self._block_tokens(token_ids, index), parent_hash
             )
+            if published and self.write_through and self.host is not None:
+                self._save_block(blocks[index])
         self._req_num_cached[request_id] = max(start, num_full)
 
     def free(self, request_id: str) -> None:
@@ -214,8 +238,66 @@ class KVCacheManager:
             self._pool.free_blocks(reversed(blocks))
 
     def reset_prefix_cache(self) -> bool:
-        """Forget all cached-free prefixes; True if nothing published remains."""
+        """Forget all cached-free prefixes (the host tier's too); True if nothing published
+        remains."""
+        if self.host is not None:
+            self.host.clear()
         return self._pool.reset_prefix_cache()
+
+    # ------------------------------------------------------------------------ host tier
+    def match_host_blocks(
+        self, request_id: str, token_ids: Sequence[int], num_device_blocks: int
+    ) -> list[int]:
+        """Hashes of the host blocks that continue the request's cached chain after its
+        `num_device_blocks` device hits (empty without a host tier). They stay pinned on the
+        host until this step's copies are taken, whether or not they are loaded."""
+        if self.host is None:
+            return []
+        max_hit_blocks = max(0, (len(token_ids) - 1) // self._block_size)
+        hashes: list[int] = []
+        parent_hash = (
+            self._block_hash(request_id, token_ids, num_device_blocks - 1)
+            if num_device_blocks
+            else None
+        )
+        for index in range(num_device_blocks, max_hit_blocks):
+            block_hash = self._block_hash(request_id, token_ids, index)
+            tokens = self._block_tokens(token_ids, index)
+            if self.host.lookup(block_hash, tokens, parent_hash) is None:
+                break
+            self.host.pin(block_hash)
+            hashes.append(block_hash)
+            parent_hash = block_hash
+        return hashes
+
+    def load_host_blocks(self, request_id: str, host_hashes: list[int], first_index: int) -> None:
+        """Plan copies of `host_hashes` into the request's blocks from `first_index` on (fresh
+        blocks `allocate_slots` just gave it). The loaded blocks are published like computed
+        ones once the request's first step has run."""
+        blocks = self._req_blocks[request_id]
+        if first_index + len(host_hashes) > len(blocks):
+            raise ValueError(
+                f"request {request_id!r} holds {len(blocks)} blocks: too few to load "
+                f"{len(host_hashes)} host blocks from index {first_index}"
+            )
+        for offset, block_hash in enumerate(host_hashes):
+            slot = self.host.pin(block_hash)  # pinned since match_host_blocks: still there
+            self._loads.append((slot, blocks[first_index + offset].block_id))
+        self.host.stats.blocks_loaded += len(host_hashes)
+        self.host.stats.host_hit_tokens += len(host_hashes) * self._block_size
+
+    def take_copy_ops(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(saves, loads) planned since the last call, for the step about to be sent."""
+        saves, loads = self._saves, self._loads
+        self._saves, self._loads = [], []
+        if self.host is not None:
+            self.host.release_pins()
+        return saves, loads
+
+    def _save_block(self, block: KVBlock) -> None:
+        slot = self.host.store(block.block_hash, block.token_ids, block.parent_hash)
+        if slot is not None:
+            self._saves.append((block.block_id, slot))
 
     def _resolve_computed(
         self, request_id: str, num_tokens_total: int, computed_block_ids: list[int]

@@ -44,6 +44,8 @@ class ErnieX1Parser:
     Format: `{reasoning}\\n</think>\\n\\n<response>\\n{answer}\\n</response>\\n`, or
     `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks after `</think>`.
     With `reasoning` off the whole text is answer; with `tools` off tool blocks stay content.
+    Once a `<response>` block has closed, loose text after it is not content (the answer is
+    the block's body, as FastDeploy and vLLM return it); later blocks still count.
     A parser serves one output: stream it with feed() then finish(), or call parse().
     """
 
@@ -66,6 +68,7 @@ class ErnieX1Parser:
         self._joiner = ContentJoiner()
         self._tool_calls: list[ToolCall] = []
         self._finished = False
+        self._response_closed = False
         self._reasoning_out: list[str] = []
         self._content_out: list[str] = []
         self._tool_calls_out: list[ToolCallDelta] = []
@@ -188,6 +191,7 @@ class ErnieX1Parser:
         self._emit_verbatim(_drop_trailing_newline(self._buffer[:end]))
         self._buffer = self._buffer[end + len(RESPONSE_CLOSE) :]
         self._section = _Section.ANSWER
+        self._response_closed = True
         return True
 
     def _advance_tool_call(self) -> bool:
@@ -227,6 +231,8 @@ class ErnieX1Parser:
             self._reasoning_out.append(text)
 
     def _emit_loose(self, text: str) -> None:
+        if self._response_closed:
+            return
         if out := self._joiner.loose(text):
             self._content_out.append(out)
 

@@ -16,10 +16,18 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.serving.limits import RequestLimits
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
 from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "ERNIE_CLUSTER_API_KEY"
+GRAMMAR_FIELDS = [
+    "grammar_compile_threads",
+    "grammar_compile_timeout_s",
+    "grammar_max_pending_compiles",
+    "grammar_cache_bytes",
+]
+"""Engine settings of structured outputs, declared once below (CLI flags come from them)."""
 
 
 def read_api_key_file(path: str | Path) -> str:
@@ -103,6 +111,12 @@ class ServeAppConfig(BaseModel):
     num_kv_blocks: int | None = Field(None, ge=1)
     kv_cache_memory_bytes: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
+    kv_offload_gb: float = Field(
+        0.0,
+        ge=0,
+        description="Host KV tier per rank in GiB (0: off): evicted prefixes come back by copy; "
+        "count it in the pod's memory request",
+    )
     gpu_memory_utilization: float = Field(
         0.9,
         gt=0,
@@ -113,6 +127,28 @@ class ServeAppConfig(BaseModel):
         "auto", description="Paged attention kernels ('auto': triton on CUDA, else torch)"
     )
     enforce_eager: bool = Field(False, description="No CUDA-graph capture of decode steps")
+    grammar_compile_threads: int = Field(
+        EngineConfig.grammar_compile_threads,
+        ge=1,
+        description="output-constraint (grammar) compiles that run at once, one thread each",
+    )
+    grammar_compile_timeout_s: float = Field(
+        EngineConfig.grammar_compile_timeout_s,
+        gt=0,
+        allow_inf_nan=False,
+        description="longest a request waits for its grammar (400 when the compile itself "
+        "takes longer, 503 when it could not start in time)",
+    )
+    grammar_max_pending_compiles: int = Field(
+        EngineConfig.grammar_max_pending_compiles,
+        ge=1,
+        description="compiles waiting for a thread; a new grammar beyond them gets 503",
+    )
+    grammar_cache_bytes: int = Field(
+        EngineConfig.grammar_cache_bytes,
+        ge=0,
+        description="byte budget of the compiled-grammar cache (LRU)",
+    )
     reasoning_parser: str | None = None
     tool_call_parser: str | None = None
     api_key: str | None = Field(
@@ -130,6 +166,11 @@ class ServeAppConfig(BaseModel):
         None, ge=1, description="Reject with 503 + Retry-After when this many requests wait"
     )
     max_request_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
+    limits: RequestLimits = Field(
+        default_factory=RequestLimits,
+        description="Bounds on one request's work (stop strings, constraints, tools, "
+        "sequences, header bytes, priority policy); worded 400s beyond them",
+    )
     num_replicas: int | None = Field(
         None, ge=1, description="Fixed replica count (exclusive with autoscaling)"
     )
@@ -198,8 +239,10 @@ class ServeAppConfig(BaseModel):
             num_kv_blocks=self.num_kv_blocks,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             enable_prefix_caching=self.enable_prefix_caching,
+            kv_offload_gb=self.kv_offload_gb,
             gpu_memory_utilization=self.gpu_memory_utilization,
             attention_backend=self.attention_backend,
             enforce_eager=self.enforce_eager,
+            **self.model_dump(include=set(GRAMMAR_FIELDS)),
             show_progress=False,
         )

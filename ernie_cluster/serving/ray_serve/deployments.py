@@ -22,7 +22,8 @@ from typing import Any
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 
-from ernie_cluster.engine.async_engine import AsyncLLMEngine
+from ernie_cluster.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ernie_cluster.executor.ray_executor import WorkerDiedError
 from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import RequestOutput
 from ernie_cluster.serving import errors
@@ -35,6 +36,8 @@ from ernie_cluster.serving.settings import ServingSettings
 logger = logging.getLogger(__name__)
 
 STATS_PERIOD_S = 2.0
+STATS_TIMEOUT_S = 5.0
+"""Longest one stats read may take (the shard workers' expert counters)."""
 ROUTE_TIMEOUT_S = 5.0
 """Longest a request waits for a model replica to take it (then 503 + Retry-After)."""
 HEALTH_TIMEOUT_S = 5.0
@@ -55,16 +58,18 @@ class RemoteError:
     kind: str  # an errors.OpenAIError subclass name, or "ValueError"
     message: str
     param: str | None = None
+    retry_after_s: int = 1
 
     @classmethod
     def from_exception(cls, exc: BaseException) -> RemoteError:
         if isinstance(exc, errors.OpenAIError):
-            return cls(type(exc).__name__, exc.message, exc.param)
+            retry_after = int(exc.headers.get("Retry-After", 1))
+            return cls(type(exc).__name__, exc.message, exc.param, retry_after)
         return cls("ValueError", str(exc))
 
     def to_exception(self) -> Exception:
         if self.kind == "OverloadedError":
-            return errors.OverloadedError(self.message)
+            return errors.OverloadedError(self.message, retry_after_s=self.retry_after_s)
         if self.kind == "EngineUnavailableError":
             return errors.EngineUnavailableError(self.message)
         if self.kind == "ValueError":
@@ -115,7 +120,10 @@ class LLMServer:
     async def _publish_stats(self) -> None:
         while True:
             try:
-                await self.board.post(self.replica, self.stats())
+                # NOTE: off the event loop and bounded: the expert counters come from the
+                # shard workers, and a hung worker must not stall the requests here.
+                stats = await asyncio.wait_for(asyncio.to_thread(self.stats), STATS_TIMEOUT_S)
+                await self.board.post(self.replica, stats)
             except Exception as exc:  # the board is best effort: never break serving
                 logger.debug("stats publish failed: %s", exc)
             await asyncio.sleep(STATS_PERIOD_S)
@@ -139,6 +147,20 @@ class LLMServer:
             async for output in self.client.generate(request):
                 output.served_by = self.replica
                 yield output
+        except (errors.OpenAIError, ValueError) as exc:
+            yield RemoteError.from_exception(exc)
+
+    async def generate_batch(
+        self, requests: list[EngineRequest], session_key: str | None = None
+    ) -> AsyncIterator[Accepted | tuple[int, RequestOutput] | RemoteError]:
+        """Every prompt of one batched completion, in one call: one Serve request per HTTP
+        request (Serve files a caller's calls by its request id, so one call per prompt
+        would be dropped as duplicates)."""
+        yield Accepted(self.replica)
+        try:
+            async for index, output in self.client.generate_batch(requests):
+                output.served_by = self.replica
+                yield index, output
         except (errors.OpenAIError, ValueError) as exc:
             yield RemoteError.from_exception(exc)
 
@@ -169,10 +191,21 @@ class ServeEngineClient:
         self.route_timeout_s = route_timeout_s
         self.health_timeout_s = health_timeout_s
 
-    async def generate(
+    def generate(
         self, request: EngineRequest, session_key: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        stream = self.handle.options(stream=True).generate.remote(request, session_key=session_key)
+        return self._call("generate", request, session_key)
+
+    def generate_batch(
+        self, requests: list[EngineRequest], session_key: str | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        return self._call("generate_batch", requests, session_key)
+
+    async def _call(self, method: str, payload, session_key: str | None) -> AsyncIterator:
+        """Stream `method` of a model replica: its first item (Accepted) within the route
+        timeout, then its items, errors re-raised as the OpenAI errors they were."""
+        handle = self.handle.options(stream=True)
+        stream = getattr(handle, method).remote(payload, session_key=session_key)
         try:
             try:
                 first = await asyncio.wait_for(stream.__anext__(), self.route_timeout_s)
@@ -218,8 +251,12 @@ async def chain_first(first, rest: AsyncIterator) -> AsyncIterator:
 
 
 def replica_failure(exc: RayError) -> errors.OpenAIError:
-    """The OpenAI error for a failed call to a replica: 503 when the replica died or could not
-    be reached, 500 when its code raised."""
+    """The OpenAI error for a failed call to a replica: 503 when the replica or its shard
+    workers died or could not be reached, 500 when its code raised."""
+    if isinstance(exc, RayTaskError) and isinstance(exc.cause, WorkerDiedError | EngineDeadError):
+        return errors.EngineUnavailableError(
+            f"the model replica's shard workers failed: {exc.cause}"
+        )
     if isinstance(exc, RayTaskError):
         logger.error("model replica failed: %s", exc)
         return errors.OpenAIError(f"generation failed: {type(exc.cause).__name__}")
@@ -250,10 +287,12 @@ class ReplicaEngineClient(LocalEngineClient):
         super().__init__(server.engine, server.client.max_waiting_requests)
         self.server = server
 
-    async def generate(self, request: EngineRequest, session_key: str | None = None):
-        async for output in super().generate(request):
+    async def generate_batch(
+        self, requests: list[EngineRequest], session_key: str | None = None
+    ) -> AsyncIterator[tuple[int, RequestOutput]]:
+        async for index, output in super().generate_batch(requests):
             output.served_by = self.server.replica
-            yield output
+            yield index, output
 
     async def get_stats(self) -> list[dict[str, Any]]:
         return await self.server.board.read()
@@ -309,4 +348,5 @@ def ingress_settings(config, model: str) -> ServingSettings:
         api_key=config.api_key,
         auth_all_routes=config.api_key_all_routes,
         max_request_body_bytes=config.max_request_body_bytes,
+        limits=config.limits,
     )

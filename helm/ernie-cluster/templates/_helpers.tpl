@@ -92,6 +92,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $_ := set $args "max_num_batched_tokens" (int $s.maxNumBatchedTokens) }}
 {{- $_ := set $args "gpu_memory_utilization" (float64 $s.gpuMemoryUtilization) }}
 {{- $_ := set $args "enable_prefix_caching" $s.enablePrefixCaching }}
+{{- $_ := set $args "kv_offload_gb" (float64 $s.kvOffloadGb) }}
 {{- if $s.maxWaitingRequests }}
 {{- $_ := set $args "max_waiting_requests" (int $s.maxWaitingRequests) }}
 {{- end }}
