@@ -9,8 +9,7 @@ import time
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-from ernie_cluster.distributed.process_group import free_port
+from serve_helpers import running_serve_app
 
 pytestmark = pytest.mark.slow
 
@@ -19,23 +18,14 @@ APP = "ernie-test"
 
 @pytest.fixture(scope="module")
 def server(ray_cluster, tiny_checkpoint):
-    from ray import serve
-
-    from ernie_cluster.serving.ray_serve.builder import build_app
-    from ernie_cluster.serving.ray_serve.config import ServeAppConfig
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    config = ServeAppConfig(
+    with running_serve_app(
+        APP,
         model=str(tiny_checkpoint),
         served_model_name=["tiny"],
         dtype="float32",
         tensor_parallel_size=2,
-    )
-    serve.run(build_app(config), name=APP, route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}"
-    serve.delete(APP)
-    serve.shutdown()
+    ) as base_url:
+        yield base_url
 
 
 @pytest.fixture(scope="module")
