@@ -36,12 +36,12 @@ def rank_main(rank: int, world: int, port: int, ckpt: str, batch: int, steps: in
     import torch.distributed as dist
 
     from ernie_cluster.config.engine_config import EngineConfig
-    from ernie_cluster.distributed.census import census_step
     from ernie_cluster.distributed.communicator import Communicator
     from ernie_cluster.loader.model_loader import load_model
     from ernie_cluster.model.sharding import ShardSpec
     from ernie_cluster.worker.model_runner import ModelRunner
     from ernie_cluster.worker.step_script import StepScript, prompt
+    from ernie_cluster_tools.census import census_step
 
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -2,7 +2,7 @@
 
 1. Scores of the shipped demo checkpoint on held-out conversations (greedy, the offline `LLM`):
    get_weather calls naming the asked city, answers that state a tool result's temperature,
-   clean greetings (`ernie_cluster.demo_model.evaluate`).
+   clean greetings (`ernie_cluster_tools.demo_model.evaluate`).
 2. The Ray Serve application `scripts/demo.sh` starts (one replica, W = 1, ernie_x1 parsers),
    asked the README's two requests (the greeting, the weather question with `tools`) one at a
    time over HTTP, streamed with the official `openai` client: time to the first streamed
@@ -27,10 +27,11 @@ from collections.abc import Callable
 import torch
 from common import code_version, machine_summary
 
-from ernie_cluster.demo_model import SERVED_NAME, shipped_checkpoint
-from ernie_cluster.demo_model.conversations import weather_tool
-from ernie_cluster.demo_model.evaluate import evaluate_checkpoint
+from ernie_cluster.checkpoints.demo import DEMO_SERVED_NAME as SERVED_NAME
+from ernie_cluster.checkpoints.demo import demo_checkpoint as shipped_checkpoint
 from ernie_cluster.distributed.process_group import free_port
+from ernie_cluster_tools.demo_model.conversations import weather_tool
+from ernie_cluster_tools.demo_model.evaluate import evaluate_checkpoint
 
 APP = "ernie-demo-bench"
 REQUESTS = {

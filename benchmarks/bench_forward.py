@@ -39,7 +39,7 @@ from common import (
 )
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.loader import load_model
+from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.step_io import (

@@ -682,8 +682,8 @@ def machine_line(device: torch.device) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from ernie_cluster.checkpoints.presets import preset_config
     from ernie_cluster.config.model_config import ErnieMoeConfig
+    from ernie_cluster_tools.fixtures.presets import preset_config
 
     started = time.perf_counter()
     device = torch.device(args.device)

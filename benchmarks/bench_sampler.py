@@ -75,7 +75,9 @@ def build_states(make_params, device: str) -> list[SamplingState]:
     states = []
     for i in range(BATCH):
         prompt = [rng.randrange(VOCAB) for _ in range(PROMPT_LEN)]
-        state = SamplingState.create(make_params(i), prompt, [2], device=device)
+        params = make_params(i)
+        stops = params.resolve_stop_token_ids([2])
+        state = SamplingState.create(params, prompt, stops, device=device)
         state.output_token_ids.extend(rng.randrange(VOCAB) for _ in range(OUTPUT_LEN))
         states.append(state)
     return states

@@ -113,7 +113,7 @@ def percentile(values: list[float], q: float) -> float:
 
 def model_step_seconds(args: argparse.Namespace, context: int) -> tuple[float, float]:
     """Median seconds of one mini decode step at this batch and context, and of its metadata."""
-    from ernie_cluster.loader import load_model
+    from ernie_cluster.loader.model_loader import load_model
     from ernie_cluster.worker.model_runner import allocate_kv_caches
 
     model = load_model(checkpoint("mini", 0), dtype="float32", show_progress=False)

@@ -23,10 +23,10 @@ from pathlib import Path
 import httpx
 
 from ernie_cluster import SamplingParams
-from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.distributed.process_group import free_port
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
+from ernie_cluster_tools.fixtures.make_tiny import make_tiny_checkpoint
 
 
 def summary(values: list[float]) -> str:

@@ -20,7 +20,6 @@ import time
 import torch
 from common import BackgroundLoad, add_threads_arg, code_version, machine_summary, set_threads
 
-from ernie_cluster.checkpoints.presets import preset_config
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
@@ -31,6 +30,7 @@ from ernie_cluster.step_io import (
     SchedulerOutput,
 )
 from ernie_cluster.worker.model_runner import ModelRunner
+from ernie_cluster_tools.fixtures.presets import preset_config
 
 BLOCK_SIZE = 16
 

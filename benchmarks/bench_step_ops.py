@@ -1,6 +1,6 @@
 """Ops (kernel launches on a GPU) and host syncs of one decode step, on the real layer shapes.
 
-One `ModelRunner.execute_model` decode step runs under `ernie_cluster.diagnostics.SyncRecorder`,
+One `ModelRunner.execute_model` decode step runs under `ernie_cluster_tools.diagnostics.SyncRecorder`,
 a torch dispatch mode that counts every aten op and every host sync (sync ops such as
 `_local_scalar_dense` and `nonzero`, boolean-mask indexing, and the `.tolist()`/`.numpy()`/
 `.cpu()`/`.item()` reads that no aten op shows on CPU). The
@@ -10,13 +10,13 @@ the 28-layer figure is extrapolated: ops(2) + 26 x (ops(3) - ops(2)). Weights ar
 counts do not depend on their values, only on the routing spread, which random weights give.
 
 The same script runs on an older checkout too (it adapts to the old ModelRunner signature;
-copy ernie_cluster/diagnostics.py along), which is how the "before" column of RESULTS.md
+copy the ernie_cluster_tools/ folder along), which is how the "before" column of RESULTS.md
 was taken.
 
 `--gpu-path` counts instead the KERNELS a decode step launches on the GPU code path (Triton
 attention, the Triton MoE and the fused Triton kernels of model/triton_layers and
 model/triton_router), run on CPU tensors in Triton's interpreter (TRITON_INTERPRET=1) under
-`ernie_cluster.kernel_counter.KernelCounter`: aten ops that launch a kernel (no views, no
+`ernie_cluster_tools.kernel_counter.KernelCounter`: aten ops that launch a kernel (no views, no
 allocations) plus Triton launches, per MoE layer and per step, at batch 1, 8 and 64. The model
 has the full preset's structure (20/4 heads, 64 experts top-6, 2 shared experts) at small
 widths, which the count does not depend on; the KV splits of decode attention follow the
@@ -35,10 +35,7 @@ from collections import Counter
 import torch
 from common import code_version
 
-from ernie_cluster.checkpoints.presets import preset_config
 from ernie_cluster.config.model_config import ErnieMoeConfig
-from ernie_cluster.diagnostics import SyncRecorder
-from ernie_cluster.kernel_counter import KernelCounter, use_gpu_path
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.step_io import (
@@ -47,6 +44,9 @@ from ernie_cluster.step_io import (
     SchedulerOutput,
 )
 from ernie_cluster.worker.model_runner import ModelRunner
+from ernie_cluster_tools.diagnostics import SyncRecorder
+from ernie_cluster_tools.fixtures.presets import preset_config
+from ernie_cluster_tools.kernel_counter import KernelCounter, use_gpu_path
 
 BLOCK_SIZE = 16
 PROMPT_LEN = 16

@@ -21,10 +21,10 @@ from common import add_threads_arg, checkpoint, code_version, machine_summary, s
 
 from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.llm_engine import LLMEngine
-from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.sampling_params import SamplingParams, StructuredOutputsParams
 from ernie_cluster.structured_output.compiler import CompileLimits, GrammarCompiler
 from ernie_cluster.structured_output.formats import forced_tool_calls, tool_call_tag
-from ernie_cluster.structured_output.params import GrammarSpec, StructuredOutputsParams
+from ernie_cluster.structured_output.params import GrammarSpec
 
 BATCH = 64
 PROMPT = "List every item in the warehouse inventory as JSON records, one per product."

@@ -34,7 +34,7 @@ def checkpoint(preset: str = "mini", seed: int = 0) -> Path:
     The directory name carries a digest of the generator's source, so a change to how
     checkpoints are made gives a new checkpoint instead of silently reusing a stale one.
     """
-    from ernie_cluster.checkpoints import make_tiny, presets, tiny_tokenizer
+    from ernie_cluster_tools.fixtures import make_tiny, presets, tiny_tokenizer
 
     digest = hashlib.sha256()
     for module in (make_tiny, presets, tiny_tokenizer):

@@ -253,9 +253,9 @@ def multi_rank_table(model: torch.nn.Module, gpu: str = "H200") -> list[dict]:
 
 if __name__ == "__main__":
     # The full preset's counts, from a model made on the meta device (no memory, no GPU).
-    from ernie_cluster.checkpoints.presets import preset_config
     from ernie_cluster.config.model_config import ErnieMoeConfig
     from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
+    from ernie_cluster_tools.fixtures.presets import preset_config
 
     with torch.device("meta"):
         full = Ernie4_5_MoeForCausalLM(ErnieMoeConfig.from_dict(preset_config("full")))

@@ -71,5 +71,7 @@ class RequestOutput:
     num_cached_tokens: int = 0
     """Prompt tokens whose KV came from the prefix cache."""
     metrics: RequestMetrics | None = None
-    served_by: str | None = None
-    """The model replica that produced this output (set by the serving layer)."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With `SamplingParams.prompt_logprobs`: one entry per prompt token, None for the first
+    (nothing precedes it), then {token_id: logprob} of its top-k alternatives and the prompt
+    token itself (vLLM's shape). Streamed deltas carry it in the first output only."""

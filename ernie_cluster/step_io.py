@@ -83,3 +83,6 @@ class ModelRunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     """Only requests whose scheduled tokens reached the end of their sequence sample."""
     logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    """Requests with `params.prompt_logprobs`: one {token_id: logprob} per prompt token this
+    step predicted (positions 1.. of the prompt, in order, continuing the previous steps')."""

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The main job on the built-in demo model (ernie_cluster/demo_model/checkpoint): sets up .venv,
+# The main job on the built-in demo model (ernie_cluster/checkpoints/demo_checkpoint/): sets up .venv,
 # then starts the OpenAI-compatible server (Ray Serve) on http://127.0.0.1:8000/v1 with the
 # ERNIE reasoning and tool-call parsers. Extra flags go to `ernie-cluster serve`.
 set -euo pipefail

@@ -16,7 +16,7 @@ SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
+    from ernie_cluster_tools.fixtures.make_tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
 

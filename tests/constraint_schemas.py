@@ -106,12 +106,7 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         "additionalProperties": False,
     },
     "string_lengths": {"type": "string", "minLength": 3, "maxLength": 8},
-    "unique_items": {
-        "type": "array",
-        "items": {"enum": [1, 2, 3, 4]},
-        "uniqueItems": True,
-        "maxItems": 4,
-    },
+    "enum_items": {"type": "array", "items": {"enum": [1, 2, 3, 4]}, "maxItems": 4},
     "tool_arguments": {
         "type": "object",
         "properties": {"location": NAME, "unit": {"type": "string", "enum": ["c", "f"]}},

@@ -17,7 +17,7 @@ import contextlib
 import torch
 from torch.utils._pytree import tree_leaves
 
-from ernie_cluster.diagnostics import SyncRecorder
+from ernie_cluster_tools.diagnostics import SyncRecorder
 
 
 class _Tape(SyncRecorder):

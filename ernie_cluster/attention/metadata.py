@@ -85,10 +85,6 @@ class AttentionMetadata:
         return self.num_seqs - self.num_decodes
 
     @cached_property
-    def max_query_len(self) -> int:
-        return max(self.query_lens, default=0)
-
-    @cached_property
     def max_seq_len(self) -> int:
         return max(self.seq_lens, default=0)
 

@@ -33,6 +33,7 @@ from ernie_cluster.bench.autoscale_timeline import (
 from ernie_cluster.bench.client import RequestSettings, auth_headers, served_model
 from ernie_cluster.bench.datasets import RandomDataset, TextSampler
 from ernie_cluster.bench.metrics import summarize
+from ernie_cluster.bench.run_files import fresh_label
 from ernie_cluster.bench.runner import LoadSpec, run_load
 from ernie_cluster.bench.serve_bench import load_bench_tokenizer
 
@@ -166,7 +167,8 @@ def run_autoscale_test(config: AutoscaleTestConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with serve_target(config) as target:
         report = _run(config, target, tokenizer)
-    files = {"json": out / f"{config.label}.json"}
+    label = fresh_label(out, config.label, (".json", "_timeline.png"))
+    files = {"json": out / f"{label}.json"}
     if config.plots:
         from ernie_cluster.bench.plots import plot_autoscale_timeline
 
@@ -176,7 +178,7 @@ def run_autoscale_test(config: AutoscaleTestConfig) -> dict[str, Any]:
             f"ongoing, peak {config.peak_concurrency} users"
         )
         files["timeline_png"] = plot_autoscale_timeline(
-            report["samples"], report["phases"], out / f"{config.label}_timeline.png", title
+            report["samples"], report["phases"], out / f"{label}_timeline.png", title
         )
     report["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(report, indent=2))

@@ -265,5 +265,3 @@ async def send_request(
         result.ttft = finished_at - start
     result.ok, result.status = True, "200"
     return result
-    result.ok, result.status = True, "200"
-    return result

@@ -33,6 +33,7 @@ from ernie_cluster.bench.client import (
     served_model,
 )
 from ernie_cluster.bench.datasets import BenchRequest, Conversation, Reply, TextSampler
+from ernie_cluster.bench.run_files import fresh_label
 from ernie_cluster.bench.serve_bench import load_bench_tokenizer
 from ernie_cluster.bench.server_process import ServerProcess
 
@@ -294,10 +295,11 @@ def run_long_session(config: LongSessionConfig) -> dict[str, Any]:
     settings["system_prompt"] = script.system_prompt
     settings["user_message_tokens_max"] = script.user_message_tokens - TEMPLATE_TOKENS_PER_TURN
     report: dict[str, Any] = {"settings": settings, **summary}
-    files = {"json": out / "long_session.json"}
+    label = fresh_label(out, "long_session", (".json", ".png"))
+    files = {"json": out / f"{label}.json"}
     if config.plots:
         plot = plot_sessions if config.sessions > 1 else plot_long_session
-        files["png"] = plot(runs, out / "long_session.png", config)
+        files["png"] = plot(runs, out / f"{label}.png", config)
     report["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(report, indent=2))
     return report

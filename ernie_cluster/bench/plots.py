@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,17 @@ def pyplot():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+TITLE_CHARS = 100
+"""Longest title line an 11-inch-wide figure shows unclipped at the default font size."""
+
+
+def wrapped(title: str) -> str:
+    """`title` with every line longer than TITLE_CHARS broken at spaces."""
+    return "\n".join(
+        "\n".join(textwrap.wrap(line, TITLE_CHARS)) or line for line in title.split("\n")
+    )
 
 
 def save_figure(fig, path: Path) -> Path:
@@ -66,7 +78,7 @@ def plot_latencies(
             mark = summary[key][percentile]
             ax.axvline(mark, color="black", linestyle=style, label=f"{percentile} {mark:.1f}")
         ax.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title))
     return save_figure(fig, path)
 
 
@@ -86,7 +98,7 @@ def plot_throughput(
     bottom.set_xlabel("seconds since start")
     bottom.set_ylabel(f"requests per {bucket} bucket")
     bottom.legend(fontsize=8)
-    fig.suptitle(title)
+    fig.suptitle(wrapped(title))
     return save_figure(fig, path)
 
 
@@ -112,7 +124,7 @@ def plot_autoscale_timeline(
         t, series("target_replicas"), where="post", label="autoscaler target", ls="--", c="k"
     )
     replicas.set_ylabel("replicas")
-    replicas.set_title(title, pad=16)
+    replicas.set_title(wrapped(title), pad=16)
     users.step(t, series("target_concurrency"), where="post", label="users (target)", c="k")
     users.plot(t, series("in_flight"), label="requests in flight (client)")
     failed = [s["t"] for i, s in enumerate(samples) if i and s["failed"] > samples[i - 1]["failed"]]

@@ -1,7 +1,8 @@
 """`ernie-cluster bench serve`: load an OpenAI-compatible server and report what it did.
 
 Builds the dataset, runs the load, and writes `<label>.json` (settings, summary, timeline,
-optionally every request) plus `<label>_latency.png` and `<label>_throughput.png`.
+optionally every request) plus `<label>_latency.png` and `<label>_throughput.png`; a label an
+earlier run in the folder used gets a `-2`, `-3`, ... suffix instead of overwriting it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from ernie_cluster.bench.client import RequestSettings, served_model
 from ernie_cluster.bench.datasets import JsonlDataset, MultiTurnDataset, RandomDataset, TextSampler
 from ernie_cluster.bench.metrics import TIMELINE_BUCKET_S, parse_slos, summarize, timeline
+from ernie_cluster.bench.run_files import fresh_label
 from ernie_cluster.bench.runner import LoadRun, LoadSpec, run_load
 
 logger = logging.getLogger(__name__)
@@ -160,24 +162,26 @@ def run_serve_bench(config: ServeBenchConfig) -> dict[str, Any]:
         report["requests"] = [r.to_json() for r in run.results]
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / f"{config.label}.json"}
+    label = fresh_label(out, config.label, (".json", "_latency.png", "_throughput.png"))
+    files = {"json": out / f"{label}.json"}
     if config.plots:
         from ernie_cluster.bench.plots import plot_latencies, plot_throughput
 
-        title = run_title(config, model)
+        title = run_title(config, model, num_sent=len(run.results))
         files["latency_png"] = plot_latencies(
-            run.results, summary, out / f"{config.label}_latency.png", title
+            run.results, summary, out / f"{label}_latency.png", title
         )
         files["throughput_png"] = plot_throughput(
-            rows, out / f"{config.label}_throughput.png", title, TIMELINE_BUCKET_S
+            rows, out / f"{label}_throughput.png", title, TIMELINE_BUCKET_S
         )
     report["files"] = {k: str(v) for k, v in files.items()}
     files["json"].write_text(json.dumps(report, indent=2))
     return report
 
 
-def run_title(config: ServeBenchConfig, model: str) -> str:
-    """The figures' title: what was loaded, then the load and the dataset."""
+def run_title(config: ServeBenchConfig, model: str, num_sent: int | None = None) -> str:
+    """The figures' title: what was loaded, then the load and the dataset. With `num_sent`
+    (after a run) it counts the requests really sent, which a duration may have cut short."""
     load = []
     if math.isinf(config.request_rate):
         load.append(
@@ -192,7 +196,10 @@ def run_title(config: ServeBenchConfig, model: str) -> str:
         load.append(f"{config.request_rate:g} req/s ({arrivals})")
         if config.max_concurrency:
             load.append(f"at most {config.max_concurrency} in flight")
-    if config.num_requests is not None:
+    if num_sent is not None and num_sent != config.num_requests:
+        planned = f" of {config.num_requests}" if config.num_requests is not None else ""
+        load.append(f"{num_sent}{planned} requests sent")
+    elif config.num_requests is not None:
         load.append(f"{config.num_requests} requests")
     if config.duration_s is not None:
         load.append(f"{config.duration_s:g} s")

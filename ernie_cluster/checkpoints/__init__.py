@@ -1,1 +1,1 @@
-"""Random demo and test checkpoints in the Hugging Face hub layout."""
+"""The demo checkpoint that ships with the package (`demo.py`, data in `demo_checkpoint/`)."""

@@ -52,8 +52,3 @@ def init_distributed(
     )
     logger.info("rank %d/%d joined %s process group at %s", rank, world_size, backend, init_method)
     return Communicator(rank, world_size)
-
-
-def destroy_distributed() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

@@ -29,6 +29,8 @@ def merge_deltas(first: RequestOutput, second: RequestOutput) -> RequestOutput:
     by_index = {sample.index: sample for sample in first.outputs}
     accumulate(by_index, second)
     second.outputs = [by_index[i] for i in sorted(by_index)]
+    if second.prompt_logprobs is None:
+        second.prompt_logprobs = first.prompt_logprobs
     return second
 
 
@@ -79,11 +81,8 @@ class AsyncLLMEngine:
         """`check_alive`, then the executor's own probe (pings shard workers: blocking, up to
         its timeout, so callers on an event loop run it in a thread)."""
         self.check_alive()
-        health = getattr(self.engine.executor, "check_health", None)
-        if health is None:
-            return
         try:
-            health()
+            self.engine.executor.check_health()
         except Exception as exc:  # a dead or hung shard worker: the engine cannot step
             raise EngineDeadError(f"engine unhealthy: {exc}") from exc
 
@@ -168,14 +167,10 @@ class AsyncLLMEngine:
         """Sequences not yet scheduled, including those waiting to be added."""
         return len(self.engine.scheduler.waiting) + self._num_adding
 
-    @property
-    def num_queued(self) -> int:
-        """Waiting requests beyond the free batch slots: those the next step cannot take
-        even with the token budget and KV blocks to spare (what admission limits)."""
-        return self.num_queued_after(0)
-
     def num_queued_after(self, num_new_sequences: int) -> int:
-        """`num_queued` once `num_new_sequences` more are added."""
+        """Waiting requests beyond the free batch slots once `num_new_sequences` more are
+        added: those the next step cannot take even with the token budget and KV blocks to
+        spare (what admission limits)."""
         scheduler = self.engine.scheduler
         free_slots = max(0, scheduler.config.max_num_seqs - len(scheduler.running))
         return max(0, self.num_waiting + num_new_sequences - free_slots)
@@ -192,9 +187,6 @@ class AsyncLLMEngine:
             self._apply_aborts()
         elif self._wakeup is not None:
             self._wakeup.set()
-
-    async def abort(self, request_id: str) -> None:
-        self.request_abort(request_id)
 
     def _apply_aborts(self) -> None:
         if self._pending_aborts:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from ernie_cluster.engine.kv_cache import KVCacheManager
 from ernie_cluster.engine.output_processor import OutputProcessor, RequestGroup
 from ernie_cluster.engine.request import Request, RequestStatus
 from ernie_cluster.engine.scheduler import Scheduler, SchedulerConfig
+from ernie_cluster.executor.base import Executor
 from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.inputs.model_facts import ModelFacts
 from ernie_cluster.inputs.processor import InputProcessor, Prompt
@@ -102,7 +104,11 @@ class BatchFailedError(RuntimeError):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, executor_factory=None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        executor_factory: Callable[[EngineConfig, str], Executor] | None = None,
+    ) -> None:
         self.model_dir = resolve_model_path(config.model, config.revision)
         self.model_config = ErnieMoeConfig.from_pretrained(self.model_dir)
         self.config = config.resolve(self.model_config)
@@ -122,7 +128,7 @@ class LLMEngine:
             from ernie_cluster.executor import make_executor
 
             executor_factory = make_executor
-        self.executor = executor_factory(self.config, str(self.model_dir))
+        self.executor: Executor = executor_factory(self.config, str(self.model_dir))
         num_host_blocks, self._host_block_bytes = 0, 0
         if self.config.kv_offload_enabled:
             tiers = self.executor.collective_rpc("host_kv_tier")  # [(blocks, bytes)] per rank
@@ -142,7 +148,7 @@ class LLMEngine:
             ),
             self.kv_cache,
         )
-        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len)
+        self.output_processor = OutputProcessor(self.tokenizer)
         self._arrival = itertools.count()
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
@@ -247,37 +253,57 @@ class LLMEngine:
         try:
             runner_output = self.executor.execute_model(scheduler_output)
         except Exception as exc:
-            if not getattr(self.executor, "recovers_from_step_errors", False):
+            if not self.executor.recovers_from_step_errors:
                 raise
             logger.exception("a step failed; ending the requests it carried")
             self._fail_batch(scheduler_output, exc)
+        # The scheduler appends the tokens and ends the sequences a stop token or a length
+        # limit stops; a stop string or the output constraint may end (or re-word) more here.
         appended = self.scheduler.update_from_output(
             scheduler_output, runner_output.sampled_token_ids
         )
+        for req_id, entries in runner_output.prompt_logprobs.items():
+            self.output_processor.add_prompt_logprobs(req_id, entries)
         touched: dict[str, RequestGroup] = {}
-        to_finish: dict[RequestStatus, list[str]] = {}
+        to_finish: dict[RequestStatus, list[Request]] = {}
         for request, token in appended:
+            status = request.status if request.is_finished else None
+            if token is None:  # max_tokens = 0: the prompt is computed, nothing is sampled
+                to_finish.setdefault(status, []).append(request)
+                touched[request.parent_id] = self.output_processor.group_of[request.request_id]
+                continue
             self._num_generated_tokens += 1
-            status = self.output_processor.process_token(
+            if self.output_processor.process_token(
                 request, token, runner_output.logprobs.get(request.request_id)
-            )
+            ):
+                status = RequestStatus.FINISHED_STOPPED  # a stop string (wins over length)
             if request.grammar is not None and request.grammar.accept(token):
                 # The constraint is complete (or broken): the sequence ends here.
                 status = status or RequestStatus.FINISHED_STOPPED
                 if request.grammar.error is not None:
                     status = RequestStatus.FINISHED_ERROR
             if status is not None:
-                to_finish.setdefault(status, []).append(request.request_id)
+                to_finish.setdefault(status, []).append(request)
             touched[request.parent_id] = self.output_processor.group_of[request.request_id]
-        for status, ids in to_finish.items():
-            for request in self.scheduler.finish_requests(ids, status):
-                self.output_processor.mark_finished(request)
+        for status, requests in to_finish.items():
+            self._finish(requests, status)
         outputs = []
         for group in touched.values():
             outputs.append(self.output_processor.make_output(group, delta=delta))
             if group.finished:
                 self.output_processor.remove_group(group)
         return outputs
+
+    def _finish(self, requests: list[Request], status: RequestStatus) -> None:
+        """End `requests` with `status`: the live ones through the scheduler; the ones it
+        already ended this step (stop token, length) keep their freed blocks and take
+        `status` as their reason (a stop string or a broken constraint overrides)."""
+        self.scheduler.finish_requests(
+            [request.request_id for request in requests if not request.is_finished], status
+        )
+        for request in requests:
+            request.status = status
+            self.output_processor.mark_finished(request)
 
     def _end_failed_grammars(self) -> None:
         """Waiting requests whose grammar will never come (compile error, timeout, busy pool)
@@ -295,8 +321,12 @@ class LLMEngine:
         for req_id in scheduler_output.num_scheduled_tokens:
             request = requests[req_id]
             # NOTE: computed counts were advanced when scheduled: a request samples this step
-            # when its scheduled tokens reach the end of its sequence.
-            if request.grammar is not None and request.num_computed_tokens == request.num_tokens:
+            # when its scheduled tokens reach the end of its sequence (max_tokens = 0: never).
+            if (
+                request.grammar is not None
+                and request.max_tokens > 0
+                and request.num_computed_tokens == request.num_tokens
+            ):
                 sampling.append((req_id, request.grammar))
         return self.structured.bitmask(sampling) if sampling else None
 

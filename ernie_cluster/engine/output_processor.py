@@ -1,8 +1,9 @@
-"""Turns sampled tokens into user-facing outputs: detokenization, stop checks, n > 1 groups.
+"""Turns sampled tokens into user-facing outputs: detokenization, stop strings, n > 1 groups.
 
-Runs on the driver after each step. Owns the stop rules (stop token ids, stop strings cut
-from the text, max_tokens, max_model_len, min_tokens) and the streaming hold-back that keeps
-a possible stop-string prefix from being sent before it is known not to be one. Stop strings
+Runs on the driver after each step, after the scheduler has appended the tokens and ended the
+sequences that a stop token or a length limit stops (`scheduler.check_stop`). Owns what needs
+the text: stop strings cut from it (after min_tokens) and the streaming hold-back that keeps a
+possible stop-string prefix from being sent before it is known not to be one. Stop strings
 are matched by `StopStrings`, built once per request and shared by its n sequences.
 """
 
@@ -50,6 +51,10 @@ class RequestGroup:
     prompt_token_ids: list[int]
     sequences: list[SequenceState] = field(default_factory=list)
     metrics: RequestMetrics | None = None
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With `params.prompt_logprobs`: None for the first prompt token, then one {token_id:
+    logprob} per prompt token as the prefill steps report them; None when not asked."""
+    prompt_logprobs_sent: bool = False
 
     @property
     def finished(self) -> bool:
@@ -57,15 +62,16 @@ class RequestGroup:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer: Tokenizer | None, max_model_len: int) -> None:
+    def __init__(self, tokenizer: Tokenizer | None) -> None:
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
         self.groups: dict[str, RequestGroup] = {}
         self.group_of: dict[str, RequestGroup] = {}
         self.sequence_of: dict[str, SequenceState] = {}
 
     def add_group(self, group: RequestGroup, requests: list[Request]) -> None:
         self.groups[group.request_id] = group
+        if requests and requests[0].params.prompt_logprobs is not None:
+            group.prompt_logprobs = [None]
         stop = requests[0].params.stop if requests else None
         stops = StopStrings(stop) if stop else None
         for request in requests:
@@ -87,36 +93,37 @@ class OutputProcessor:
             self.group_of[request.request_id] = group
             self.sequence_of[request.request_id] = seq
 
+    def add_prompt_logprobs(self, request_id: str, entries: list[dict[int, float]]) -> None:
+        """Append the prompt logprobs a step reported for a sequence (its group's prompt)."""
+        group = self.group_of.get(request_id)
+        if group is not None and group.prompt_logprobs is not None:
+            group.prompt_logprobs.extend(entries)
+
     def process_token(
         self, request: Request, token: int, logprobs: dict[int, float] | None
-    ) -> RequestStatus | None:
-        """Record one new token; returns the finished status if the sequence must stop."""
+    ) -> bool:
+        """Record one new token, already appended and stop-checked by the scheduler (a
+        finished status there: a stop token or a length limit ended the sequence); returns
+        True when a stop string ends the sequence here."""
         seq = self.sequence_of[request.request_id]
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(logprobs)
-        params = request.params
-        past_min_tokens = request.num_output_tokens >= params.min_tokens
-        if past_min_tokens and token in request.stop_token_ids:
-            # The stop token's own text is not part of the output (as with stop strings).
-            request.stop_reason = token
+        if request.status == RequestStatus.FINISHED_STOPPED:
+            # A stop token: its own text is not part of the output (as with stop strings).
             seq.text += seq.detokenizer.flush() if seq.detokenizer else ""
-            return RequestStatus.FINISHED_STOPPED
+            return False
         delta = seq.detokenizer.add_tokens([token]) if seq.detokenizer else ""
         if seq.answer_opened and delta:
             self._open_answer(seq, delta)
+        past_min_tokens = request.num_output_tokens >= request.params.min_tokens
         if past_min_tokens and seq.stops is not None and self._check_stop_strings(seq, delta):
-            return RequestStatus.FINISHED_STOPPED
+            return True
         seq.text += delta
         if seq.answer_start is None and token == request.answer_start_token_id:
             seq.answer_opened = True
-        if (
-            request.num_output_tokens >= request.max_tokens
-            or request.num_tokens >= self.max_model_len
-        ):
-            if seq.detokenizer:
-                seq.text += seq.detokenizer.flush()
-            return RequestStatus.FINISHED_LENGTH
-        return None
+        if request.status == RequestStatus.FINISHED_LENGTH and seq.detokenizer:
+            seq.text += seq.detokenizer.flush()
+        return False
 
     @staticmethod
     def _open_answer(seq: SequenceState, delta: str) -> None:
@@ -188,6 +195,15 @@ class OutputProcessor:
                 metrics.first_token_time = now
             if group.finished:
                 metrics.finished_time = now
+        prompt_logprobs = group.prompt_logprobs
+        if prompt_logprobs is not None:
+            # NOTE: a group's first output comes after its whole prompt was computed (nothing
+            # is output before a sample's first token, or the end of a max_tokens = 0 one);
+            # deltas carry the prompt logprobs once, in that output.
+            if delta and group.prompt_logprobs_sent:
+                prompt_logprobs = None
+            group.prompt_logprobs_sent = True
+            prompt_logprobs = None if prompt_logprobs is None else list(prompt_logprobs)
         return RequestOutput(
             request_id=group.request_id,
             prompt=group.prompt,
@@ -196,6 +212,7 @@ class OutputProcessor:
             finished=group.finished,
             num_cached_tokens=max(0, first.num_cached_tokens) if first else 0,
             metrics=group.metrics,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def remove_group(self, group: RequestGroup) -> None:

@@ -93,6 +93,17 @@ class Request:
         return self.prompt_token_ids + self.output_token_ids
 
     @property
+    def needs_prompt_logprobs(self) -> bool:
+        """The first sample of a request with `prompt_logprobs`, its prompt not yet computed:
+        every prompt position must run through the model, so it takes no prefix-cache hit
+        (vLLM skips the cache for such requests too). Its n - 1 siblings hit its blocks."""
+        return (
+            self.params.prompt_logprobs is not None
+            and self.sample_index == 0
+            and not self.output_token_ids
+        )
+
+    @property
     def sort_key(self) -> tuple[int, int]:
         """Lower runs first: priority, then arrival (FCFS)."""
         return (self.priority, self.arrival_seq)

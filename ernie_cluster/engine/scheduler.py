@@ -184,12 +184,7 @@ class Scheduler:
             if not request.is_ready():
                 position += 1
                 continue
-            computed_blocks, num_computed = self.kv_cache.get_computed_blocks(
-                request.request_id, request.all_token_ids
-            )
-            host_hashes = self.kv_cache.match_host_blocks(
-                request.request_id, request.all_token_ids, len(computed_blocks)
-            )
+            computed_blocks, num_computed, host_hashes = self._cache_hits(request)
             if host_hashes:
                 if not self._start_loading(request, computed_blocks, num_computed, host_hashes):
                     break
@@ -213,6 +208,19 @@ class Scheduler:
             self._add_to_output(out, request, table, num_new)
             budget -= num_new
         return budget
+
+    def _cache_hits(self, request: Request) -> tuple[list[int], int, list[int]]:
+        """(device blocks, computed tokens, host hashes) the request may reuse; none for one
+        whose prompt logprobs need every prompt position computed."""
+        if request.needs_prompt_logprobs:
+            return [], 0, []
+        computed_blocks, num_computed = self.kv_cache.get_computed_blocks(
+            request.request_id, request.all_token_ids
+        )
+        host_hashes = self.kv_cache.match_host_blocks(
+            request.request_id, request.all_token_ids, len(computed_blocks)
+        )
+        return computed_blocks, num_computed, host_hashes
 
     def _start_loading(
         self,
@@ -294,13 +302,18 @@ class Scheduler:
     # ------------------------------------------------------------------ after the step
     def update_from_output(
         self, out: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[tuple[Request, int]]:
-        """Publish newly written KV blocks and append sampled tokens.
+    ) -> list[tuple[Request, int | None]]:
+        """Publish newly written KV blocks, append sampled tokens and end the sequences those
+        tokens stop (`check_stop`: stop tokens, max_tokens, max_model_len).
 
-        Returns (request, token) for each request that sampled; the caller checks stop
-        conditions and ends requests through `finish_requests`.
+        Returns (request, token) for each request that sampled, the ones ended here included
+        (their status says why), and (request, None) for each max_tokens = 0 request whose
+        prompt is now computed: it ends ("length") without a token. Stop strings need the
+        detokenized text: the output processor matches them and the engine ends those
+        sequences through `finish_requests`.
         """
         appended = []
+        stopped: dict[RequestStatus, list[str]] = {}
         for req_id in out.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
@@ -310,7 +323,32 @@ class Scheduler:
                     req_id, request.all_token_ids, request.num_computed_tokens
                 )
             token = sampled.get(req_id)
+            if request.max_tokens == 0:
+                if request.num_computed_tokens >= request.num_prompt_tokens:
+                    appended.append((request, None))
+                    stopped.setdefault(RequestStatus.FINISHED_LENGTH, []).append(req_id)
+                continue
             if token is not None:
                 request.output_token_ids.append(token)
                 appended.append((request, token))
+                status = check_stop(request, token, self.config.max_model_len)
+                if status is not None:
+                    stopped.setdefault(status, []).append(req_id)
+        for status, req_ids in stopped.items():
+            self.finish_requests(req_ids, status)
         return appended
+
+
+def check_stop(request: Request, token: int, max_model_len: int) -> RequestStatus | None:
+    """The status `token` (just appended) ends the sequence with, None when it goes on.
+
+    A stop token (eos unless ignore_eos, and params.stop_token_ids) ends it once min_tokens
+    are out, and wins over a length limit reached by the same token; then max_tokens and
+    max_model_len. Stop strings are the output processor's: they need the text.
+    """
+    if request.num_output_tokens >= request.params.min_tokens and token in request.stop_token_ids:
+        request.stop_reason = token
+        return RequestStatus.FINISHED_STOPPED
+    if request.num_output_tokens >= request.max_tokens or request.num_tokens >= max_model_len:
+        return RequestStatus.FINISHED_LENGTH
+    return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -27,11 +26,11 @@ class LLM:
             from ernie_cluster.checkpoints.demo import demo_checkpoint
 
             model = str(demo_checkpoint())
-        known = {f.name for f in fields(EngineConfig)}
+        known = set(EngineConfig.model_fields) - {"model"}
         unknown = sorted(set(engine_kwargs) - known)
         if unknown:
             raise TypeError(f"unknown LLM arguments {unknown}; valid: {sorted(known)}")
-        self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
+        self.engine = LLMEngine(EngineConfig(model=str(model), **engine_kwargs))
         self._ids = itertools.count()
 
     @property

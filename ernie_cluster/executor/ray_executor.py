@@ -1,12 +1,12 @@
 """RayExecutor: one Ray actor per shard, in one placement group, in lock-step.
 
 Ray places, starts and stops the shard workers; the per-step traffic goes over a socket step
-channel (see step_channel.py; measured in benchmarks/bench_control.py against plain Ray actor
-calls). Each step the SchedulerOutput is pickled once and sent to every rank; rank 0 replies
-with the sampled tokens. An actor that dies surfaces at once as `WorkerDiedError` (its peers
-would otherwise hang inside a collective); the executor then kills the others and reports
-itself dead. Works inside an existing Ray cluster (a Serve replica, `ray start`) or starts a
-local Ray.
+channel (see step_channel.py; measured against plain Ray actor calls by the control-overhead
+part of benchmarks/bench_distributed.py). Each step the SchedulerOutput is pickled once and
+sent to every rank; rank 0 replies with the sampled tokens. An actor that dies surfaces at
+once as `WorkerDiedError` (its peers would otherwise hang inside a collective); the executor
+then kills the others and reports itself dead. Works inside an existing Ray cluster (a Serve
+replica, `ray start`) or starts a local Ray.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
@@ -23,16 +24,18 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.executor.base import WorkerDiedError
 from ernie_cluster.executor.step_channel import StepChannelServer, StepChannelWorker, StepFailure
 from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
+__all__ = ["RayExecutor", "RayWorker", "RayWorkerBase", "WorkerDiedError"]
+
 HEALTH_TIMEOUT_S = 5.0
-
-
-class WorkerDiedError(RuntimeError):
-    """A shard worker died or failed; the executor cannot run steps any more."""
 
 
 class RayWorkerBase:
@@ -105,6 +108,12 @@ def _current_placement_group(world_size: int, resource: str) -> PlacementGroup |
 
 
 class RayExecutor:
+    """Implements `executor.base.Executor` with one Ray actor per rank."""
+
+    # NOTE: a rank that failed its step may have left its peers waiting inside a collective:
+    # any failed step kills every rank (WorkerDiedError), and the engine dies with them.
+    recovers_from_step_errors = False
+
     def __init__(
         self,
         config: EngineConfig,
@@ -226,7 +235,7 @@ class RayExecutor:
         self._raise_if_dead()
         return self._wait_all([w.ping.remote() for w in self.workers], HEALTH_TIMEOUT_S)
 
-    def expert_load(self):
+    def expert_load(self) -> torch.Tensor:
         loads = self.collective_rpc("expert_load", timeout=HEALTH_TIMEOUT_S)
         return sum(loads[1:], loads[0])
 

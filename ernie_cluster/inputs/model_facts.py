@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ernie_cluster.config.engine_config import max_model_len_for
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.tokenizer import Tokenizer
 
@@ -55,7 +56,7 @@ class ModelFacts:
         }
         return cls(
             vocab_size=model_config.vocab_size,
-            max_model_len=max_model_len or model_config.max_position_embeddings,
+            max_model_len=max_model_len_for(max_model_len, model_config),
             eos_token_ids=frozenset(eos),
             default_sampling=defaults,
             reasoning_end_token_id=tokenizer.token_to_id(REASONING_END) if tokenizer else None,

@@ -1,8 +1,9 @@
 """InputProcessor: the one path from a prompt and its parameters to an `EngineRequest`.
 
 Chat, completions and `LLM` all come through here, so every rule about a request's inputs is
-written once: tokenizing text or checking ids against the vocabulary, the room left for
-max_tokens, the stop set, logit-bias ids and the output constraint. Each problem is an
+written once: tokenizing text or checking ids against the vocabulary, the sampling fields the
+request left to the checkpoint's generation_config.json, the room left for max_tokens, the
+stop set, logit-bias ids and the output constraint. Each problem is an
 `InputError` naming the parameter; the engine accepts what comes out without re-checking.
 """
 
@@ -82,7 +83,7 @@ class InputProcessor:
     ) -> EngineRequest:
         """One engine request. `constrain_after_reasoning`: the output constraint (if any) and
         the stop strings start once the model has closed its reasoning with `</think>`."""
-        params = params or SamplingParams()
+        params = (params or SamplingParams()).with_model_defaults(self.facts.default_sampling)
         text, token_ids = self.tokenize(prompt, prompt_param)
         max_tokens = self.resolve_max_tokens(len(token_ids), params.max_tokens, prompt_param)
         self.check_token_ids(params.stop_token_ids, "stop_token_ids")
@@ -110,7 +111,8 @@ class InputProcessor:
             raise InputError(
                 f"the {prompt_param} is empty: give at least one token", param=prompt_param
             )
-        if num_prompt_tokens >= limit:
+        # NOTE: max_tokens = 0 (prompt logprobs only) needs no room past the prompt.
+        if num_prompt_tokens > limit or (num_prompt_tokens == limit and requested != 0):
             raise InputError(
                 f"the {prompt_param} has {num_prompt_tokens} tokens but max_model_len is "
                 f"{limit}: no room to generate",

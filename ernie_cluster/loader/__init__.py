@@ -1,7 +1,3 @@
-"""Checkpoint discovery and weight loading."""
-
-from ernie_cluster.loader.checkpoint_files import CheckpointError, resolve_model_path
-from ernie_cluster.loader.model_loader import load_model
-from ernie_cluster.loader.safetensors_loader import load_weights
-
-__all__ = ["CheckpointError", "load_model", "load_weights", "resolve_model_path"]
+"""Checkpoint discovery (checkpoint_files: torch-free, the ingress uses it) and weight loading
+(model_loader, safetensors_loader). Nothing is imported here, so finding a checkpoint never
+loads torch."""

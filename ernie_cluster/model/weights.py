@@ -26,13 +26,6 @@ class WeightTarget:
     src_start: int = 0
     src_stop: int | None = None
 
-    @property
-    def src_slice_shape(self) -> tuple[int, ...]:
-        stop = self.full_shape[self.src_dim] if self.src_stop is None else self.src_stop
-        shape = list(self.full_shape)
-        shape[self.src_dim] = stop - self.src_start
-        return tuple(shape)
-
 
 def whole(dest: torch.Tensor) -> WeightTarget:
     return WeightTarget(tuple(dest.shape), dest)

@@ -13,9 +13,21 @@ from dataclasses import dataclass
 import torch
 
 from ernie_cluster.sample.sampling_state import SamplingState
-from ernie_cluster.sample.upload import Slot, StepUpload
+from ernie_cluster.worker.step_upload import Slot, StepUpload
 
 TokenLogprobs = dict[int, float]
+
+
+def top_and_chosen(
+    logits: torch.Tensor, chosen_ids: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From `logits` [L, V] and one chosen token id per row [L]: the rows' top token ids
+    [L, num_top] int64 and logprobs [L, num_top] (most likely first), and the chosen tokens'
+    logprobs [L]; log_softmax in float32, everything left on the device."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # [L, V]
+    chosen = logprobs.gather(1, chosen_ids.unsqueeze(1)).squeeze(1)  # [L]
+    top_values, top_ids = logprobs.topk(num_top, dim=-1)  # [L, num_top]
+    return top_ids, top_values, chosen
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,7 @@ class Logprobs:
         else:
             rows = upload[self.row_slot]
             picked, sampled_ids = logits.index_select(0, rows), token_ids.index_select(0, rows)
-        logprobs = torch.log_softmax(picked.float(), dim=-1)  # [L, V]
-        sampled = logprobs.gather(1, sampled_ids.unsqueeze(1)).squeeze(1)  # [L]
-        top_values, top_ids = logprobs.topk(self.max_top, dim=-1)  # [L, max_top]
-        return top_ids, top_values, sampled
+        return top_and_chosen(picked, sampled_ids, self.max_top)
 
     def to_entries(
         self,

@@ -17,7 +17,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from ernie_cluster.sample.sampling_state import SamplingState, has_penalties
-from ernie_cluster.sample.upload import Slot, StepUpload
+from ernie_cluster.worker.step_upload import Slot, StepUpload
 
 
 @dataclass(frozen=True)

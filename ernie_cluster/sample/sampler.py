@@ -20,7 +20,7 @@ from ernie_cluster.sample.logprobs import Logprobs, TokenLogprobs
 from ernie_cluster.sample.penalties import LogitBias, MinTokens, Penalties
 from ernie_cluster.sample.sampling_state import SamplingState
 from ernie_cluster.sample.top_k_top_p import TopKTopP, apply_min_p
-from ernie_cluster.sample.upload import Slot, StepUpload
+from ernie_cluster.worker.step_upload import Slot, StepUpload
 
 # NOTE: below this, logits / temperature can overflow float32 and softmax turns into NaN;
 # such temperatures are indistinguishable from greedy anyway.

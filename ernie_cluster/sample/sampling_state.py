@@ -1,9 +1,9 @@
 """SamplingState: the per-request sampling history the worker keeps across steps.
 
-Owns the stop-id set, the request's private random generator and the prompt/output token
-history that penalties read, on the host and, for requests with penalties, on the device
-(the prompt uploaded once, pinned; the outputs appended there from the sampled tokens, so no
-step re-uploads a history). The sampler only reads a state; the worker records each sampled
+Owns the stop-id set (as the input processor resolved it), the request's private random
+generator and the prompt/output token history that penalties read, on the host and, for
+requests with penalties, on the device (the prompt uploaded once, pinned; the outputs
+appended there from the sampled tokens, so no step re-uploads a history). The sampler only reads a state; the worker records each sampled
 token after a step (`record_sampled`).
 """
 
@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ernie_cluster.sample.upload import StepUpload
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.worker.step_upload import StepUpload
 
 # NOTE: an odd 64-bit constant (the golden ratio) so `seed + i * C mod 2**64` is a bijection in
 # i: the n children of one seeded request never share a generator seed.
@@ -64,7 +64,7 @@ class SamplingState:
         cls,
         params: SamplingParams,
         prompt_token_ids: Iterable[int],
-        eos_token_ids: Iterable[int],
+        stop_token_ids: Iterable[int],
         sample_index: int = 0,
         device: torch.device | str = "cpu",
     ) -> SamplingState:
@@ -87,7 +87,7 @@ class SamplingState:
             params=params,
             prompt_token_ids=prompt,
             output_token_ids=[],
-            stop_token_ids=params.resolve_stop_token_ids(eos_token_ids),
+            stop_token_ids=frozenset(stop_token_ids),
             generator=generator,
             prompt_ids_tensor=prompt_ids_tensor,
         )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ernie_cluster.sample.upload import Slot, StepUpload
+from ernie_cluster.worker.step_upload import Slot, StepUpload
 
 
 @dataclass(frozen=True)

@@ -159,17 +159,14 @@ class ChatHandler:
         after_reasoning = self.settings.reasoning_parser is not None
         top_logprobs = request.top_logprobs or 0
         processor = self.settings.processor
-        max_tokens = request.max_completion_tokens or request.max_tokens
         try:
             # NOTE: the prompt's length is checked before the constraint is built: an
             # over-long prompt costs no grammar.
             text, token_ids = processor.tokenize(prompt, "messages")
-            processor.resolve_max_tokens(len(token_ids), max_tokens, "messages")
+            processor.resolve_max_tokens(len(token_ids), request.max_output_tokens, "messages")
             constraint = chat_constraint(request, after_reasoning)
             params = to_sampling_params(
                 request,
-                self.settings,
-                max_tokens,
                 logprobs=top_logprobs if request.logprobs else None,
                 skip_special_tokens=False if use_parser else request.skip_special_tokens,
                 constraint=constraint,
@@ -221,7 +218,7 @@ class ChatHandler:
         except BaseException as exc:
             tracker.finish(exc)
             raise
-        replica = getattr(outputs, "served_by", None)
+        replica = outputs.replica
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             stream = self._stream(request, plan, request_id, outputs, tracker, include_usage)

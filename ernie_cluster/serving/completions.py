@@ -1,6 +1,10 @@
 """POST /v1/completions: text or token-id prompts (one or a batch) -> engine -> choices,
 whole or streamed. A batch of prompts goes to the engine client as one call (admitted
-together, sharing steps) whose deltas come back merged; choice i*n+j is sample j of prompt i."""
+together, sharing steps) whose deltas come back merged; choice i*n+j is sample j of prompt i.
+
+`echo` with `logprobs` scores the prompt as OpenAI's legacy API and vLLM do (the engine computes
+prompt logprobs; `max_tokens: 0` generates nothing), and vLLM's `prompt_logprobs` field returns
+them per choice; a streamed choice carries the prompt's part in its first chunk."""
 
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ from ernie_cluster.serving.constraints import request_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
 from ernie_cluster.serving.limits import check_request
-from ernie_cluster.serving.logprobs import completion_logprobs
+from ernie_cluster.serving.logprobs import completion_logprobs, prompt_logprobs_field
 from ernie_cluster.serving.metrics import ServingMetrics
 from ernie_cluster.serving.off_loop import plan_request
 from ernie_cluster.serving.protocol import (
@@ -54,11 +58,6 @@ class CompletionHandler:
         """The cheap checks, before any prompt is tokenized: counts, lengths, limits."""
         if request.suffix:
             raise BadRequestError("suffix is not supported", param="suffix")
-        if request.echo and request.logprobs is not None:
-            raise BadRequestError(
-                "echo with logprobs needs prompt logprobs, which this server does not compute",
-                param="echo",
-            )
         check_request(request, self.settings.limits, num_prompts=len(prompts))
         processor = self.settings.processor
         try:
@@ -67,7 +66,7 @@ class CompletionHandler:
             )
             for item in prompts:
                 if not isinstance(item, str):
-                    processor.resolve_max_tokens(len(item), request.max_tokens)
+                    processor.resolve_max_tokens(len(item), request.max_output_tokens)
         except ValueError as exc:
             raise bad_request(exc) from exc
 
@@ -80,18 +79,21 @@ class CompletionHandler:
         tokenized = []
         for prompt in self.prompts(request):
             text, token_ids = processor.tokenize(prompt)
-            processor.resolve_max_tokens(len(token_ids), request.max_tokens)
+            processor.resolve_max_tokens(len(token_ids), request.max_output_tokens)
             if text is None and tokenizer is not None:
                 text = tokenizer.decode(token_ids, skip_special_tokens=False)
             tokenized.append((text, token_ids))
         params = to_sampling_params(
             request,
-            self.settings,
-            request.max_tokens,
             logprobs=request.logprobs,
             skip_special_tokens=request.skip_special_tokens,
             constraint=request_constraint(request),
         )
+        params.prompt_logprobs = engine_prompt_logprobs(request)
+        try:
+            params.validate()
+        except ValueError as exc:
+            raise bad_request(exc) from exc
         requests = []
         for i, (text, token_ids) in enumerate(tokenized):
             engine_request = processor.process(
@@ -120,8 +122,7 @@ class CompletionHandler:
             for tracker in trackers:
                 tracker.finish(exc)
             raise
-        first = outputs.first
-        replica = getattr(first[1], "served_by", None) if first is not None else None
+        replica = outputs.replica
         if request.stream:
             return self._stream(request, base_id, prompts, outputs, trackers), replica
         try:
@@ -140,28 +141,24 @@ class CompletionHandler:
     async def _collect(self, request, base_id, prompts, outputs, trackers) -> CompletionResponse:
         n = request.n
         results: list[dict[int, CompletionOutput]] = [{} for _ in prompts]
+        prompt_entries: list[list | None] = [None] * len(prompts)
         async for i, output in outputs:
             trackers[i].on_output(output)
             accumulate(results[i], output)
+            if output.prompt_logprobs is not None:
+                prompt_entries[i] = output.prompt_logprobs
         choices, prompt_tokens, completion_tokens = [], 0, 0
         for i, ((prompt_text, ids), samples) in enumerate(zip(prompts, results, strict=True)):
             prompt_tokens += len(ids)
             for j in range(n):
                 sample = samples[j]
                 completion_tokens += len(sample.token_ids)
-                logprobs = None
-                if request.logprobs is not None:
-                    logprobs = completion_logprobs(
-                        self.settings.tokenizer,
-                        sample.token_ids,
-                        sample.logprobs or [],
-                        request.logprobs,
-                    )
                 choices.append(
                     CompletionChoice(
                         index=i * n + j,
                         text=self._choice_text(request, prompt_text, sample.text, True),
-                        logprobs=logprobs,
+                        logprobs=self._logprobs(request, ids, prompt_entries[i], sample, 0),
+                        prompt_logprobs=self._prompt_logprobs(request, ids, prompt_entries[i]),
                         finish_reason=sample.finish_reason,
                         stop_reason=sample.stop_reason,
                     )
@@ -174,30 +171,67 @@ class CompletionHandler:
             usage=usage(prompt_tokens, completion_tokens, cached_tokens(trackers)),
         )
 
+    def _logprobs(
+        self,
+        request: CompletionRequest,
+        prompt_ids: list[int] | None,
+        prompt_entries: list | None,
+        sample: CompletionOutput,
+        text_offset: int,
+    ):
+        """The legacy logprobs object of a choice (or of one streamed chunk): over the prompt
+        too when `prompt_ids` is given (echo); None when logprobs were not asked."""
+        if request.logprobs is None:
+            return None
+        token_ids, entries = sample.token_ids, list(sample.logprobs or [])
+        if request.echo and prompt_ids is not None:
+            token_ids = list(prompt_ids) + token_ids
+            entries = list(prompt_entries or [None] * len(prompt_ids)) + entries
+        return completion_logprobs(
+            self.settings.tokenizer, token_ids, entries, request.logprobs, text_offset
+        )
+
+    def _prompt_logprobs(self, request: CompletionRequest, prompt_ids, prompt_entries):
+        if request.prompt_logprobs is None or prompt_entries is None:
+            return None
+        return prompt_logprobs_field(
+            self.settings.tokenizer, prompt_ids, prompt_entries, request.prompt_logprobs
+        )
+
     async def _stream(self, request, base_id, prompts, outputs, trackers) -> AsyncIterator[str]:
         created = int(time.time())
         n = request.n
         echoed: set[int] = set()
+        text_offsets: dict[int, int] = {}
+        prompt_entries: list[list | None] = [None] * len(prompts)
         completion_tokens = 0
         error: BaseException | None = None
         try:
             async for i, item in outputs:
                 trackers[i].on_output(item)
+                if item.prompt_logprobs is not None:
+                    prompt_entries[i] = item.prompt_logprobs
                 for sample in item.outputs:
                     index = i * n + sample.index
                     text = sample.text
-                    if request.echo and index not in echoed:
-                        echoed.add(index)
+                    # NOTE: a choice's first chunk carries the echoed prompt, its logprobs
+                    # and the prompt_logprobs field (the engine's first output has them).
+                    first = index not in echoed
+                    echoed.add(index)
+                    prompt_ids = prompts[i][1] if first else None
+                    if request.echo and first:
                         text = (prompts[i][0] or "") + text
                     completion_tokens += len(sample.token_ids)
                     logprobs = None
-                    if request.logprobs is not None and sample.logprobs:
-                        logprobs = completion_logprobs(
-                            self.settings.tokenizer,
-                            sample.token_ids,
-                            sample.logprobs,
-                            request.logprobs,
+                    if sample.logprobs or (request.echo and first):
+                        offset = text_offsets.get(index, 0)
+                        logprobs = self._logprobs(
+                            request, prompt_ids, prompt_entries[i], sample, offset
                         )
+                        if logprobs is not None and logprobs.tokens:
+                            text_offsets[index] = logprobs.text_offset[-1] + len(
+                                logprobs.tokens[-1]
+                            )
                     yield sse(
                         CompletionResponse(
                             id=base_id,
@@ -209,6 +243,11 @@ class CompletionHandler:
                                     index=index,
                                     text=text,
                                     logprobs=logprobs,
+                                    prompt_logprobs=self._prompt_logprobs(
+                                        request, prompts[i][1], prompt_entries[i]
+                                    )
+                                    if first
+                                    else None,
                                     finish_reason=sample.finish_reason,
                                     stop_reason=sample.stop_reason,
                                 )
@@ -248,3 +287,13 @@ class CompletionHandler:
 
 def cached_tokens(trackers) -> int:
     return sum(tracker.num_cached_tokens for tracker in trackers)
+
+
+def engine_prompt_logprobs(request: CompletionRequest) -> int | None:
+    """The top-k the engine computes for the prompt: enough for the echoed logprobs object
+    (`echo` with `logprobs`) and for the `prompt_logprobs` field; None when neither asks."""
+    asked = [request.prompt_logprobs]
+    if request.echo and request.logprobs is not None:
+        asked.append(request.logprobs)
+    counts = [k for k in asked if k is not None]
+    return max(counts) if counts else None

@@ -7,6 +7,8 @@ overload). Engine `ValueError`s (bad parameters, over-long prompts) become 400s.
 
 from __future__ import annotations
 
+from starlette.responses import JSONResponse
+
 from ernie_cluster.serving.protocol import ErrorDetail, ErrorResponse
 
 
@@ -78,3 +80,8 @@ class EngineUnavailableError(OpenAIError):
 
     def __init__(self, message: str) -> None:
         super().__init__(message, code="engine_unavailable", headers={"Retry-After": "5"})
+
+
+def error_response(error: OpenAIError) -> JSONResponse:
+    """The HTTP response of `error`: its OpenAI body, status and headers."""
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers)

@@ -18,10 +18,10 @@ from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
 from ernie_cluster.engine.llm_engine import LLMEngine
 from ernie_cluster.serving.api import OpenAIServing
-from ernie_cluster.serving.engine_client import LocalEngineClient
 from ernie_cluster.serving.errors import HeadersTooLargeError
 from ernie_cluster.serving.http_app import build_http_app
 from ernie_cluster.serving.limits import RequestLimits
+from ernie_cluster.serving.local_engine_client import LocalEngineClient
 from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES, ServingSettings
 
 HEADER_TIMEOUT_S = 15.0

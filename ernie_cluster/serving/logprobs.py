@@ -5,6 +5,7 @@ from __future__ import annotations
 from ernie_cluster.serving.protocol import (
     ChoiceLogprobs,
     CompletionLogprobs,
+    PromptLogprob,
     TokenLogprob,
     TopLogprob,
 )
@@ -59,18 +60,55 @@ def chat_logprobs(
 def completion_logprobs(
     tokenizer: Tokenizer | None,
     token_ids: list[int],
-    entries: list[dict[int, float]],
+    entries: list[dict[int, float] | None],
     top_n: int,
     text_offset_start: int = 0,
 ) -> CompletionLogprobs:
+    """The legacy logprobs object. A None entry (the first prompt token, echoed) has a null
+    logprob and null top_logprobs, as OpenAI and vLLM return it."""
     out = CompletionLogprobs()
     offset = text_offset_start
     for token_id, entry in zip(token_ids, entries, strict=False):
         text = token_text(tokenizer, token_id)
         out.tokens.append(text)
-        out.token_logprobs.append(max(entry[token_id], -9999.0))
-        ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
-        out.top_logprobs.append({token_text(tokenizer, t): max(lp, -9999.0) for t, lp in ranked})
+        if entry is None:
+            out.token_logprobs.append(None)
+            out.top_logprobs.append(None)
+        else:
+            out.token_logprobs.append(max(entry[token_id], -9999.0))
+            ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+            out.top_logprobs.append(
+                {token_text(tokenizer, t): max(lp, -9999.0) for t, lp in ranked}
+            )
         out.text_offset.append(offset)
         offset += len(text)
+    return out
+
+
+def prompt_logprobs_field(
+    tokenizer: Tokenizer | None,
+    token_ids: list[int],
+    entries: list[dict[int, float] | None],
+    top_n: int,
+) -> list[dict[int, PromptLogprob] | None]:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or {token_id: Logprob} of
+    its top `top_n` (ranks 1..top_n) and the prompt token itself (unranked outside them)."""
+    out: list[dict[int, PromptLogprob] | None] = []
+    for token_id, entry in zip(token_ids, entries, strict=True):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])[:top_n]
+        field = {
+            t: PromptLogprob(
+                logprob=max(lp, -9999.0), rank=rank, decoded_token=token_text(tokenizer, t)
+            )
+            for rank, (t, lp) in enumerate(ranked, start=1)
+        }
+        if token_id not in field:
+            field[token_id] = PromptLogprob(
+                logprob=max(entry[token_id], -9999.0),
+                decoded_token=token_text(tokenizer, token_id),
+            )
+        out.append(field)
     return out

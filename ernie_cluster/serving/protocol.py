@@ -206,13 +206,28 @@ class ChatCompletionRequest(SamplingFields):
     def uses_legacy_functions(self) -> bool:
         return self.functions is not None
 
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The output length asked for (None: up to max_model_len, the processor's)."""
+        return self.max_completion_tokens or self.max_tokens
+
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    """0: nothing is generated (with `echo` and `logprobs`, the prompt is scored)."""
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
+    """The prompt is returned before the completion; with `logprobs`, the logprobs object
+    covers the prompt tokens too (the first one's logprob is null, as OpenAI returns it)."""
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    """vLLM's field: each prompt token's logprob and its top-k, in `choices[i].prompt_logprobs`."""
     suffix: str | None = None
+
+    @property
+    def max_output_tokens(self) -> int | None:
+        """The output length asked for (None: up to max_model_len, the processor's)."""
+        return self.max_tokens
 
 
 # ----------------------------------------------------------------------------- responses
@@ -322,10 +337,20 @@ class CompletionLogprobs(OpenAIModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's Logprob: `rank` is the token's rank in the distribution (1: most likely), given
+    for the top-k; a prompt token outside its top-k has none."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(OpenAIModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
 

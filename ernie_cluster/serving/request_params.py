@@ -8,11 +8,9 @@ import hashlib
 import json
 from typing import Any
 
-from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.sampling_params import SamplingParams, StructuredOutputsParams
 from ernie_cluster.serving.errors import BadRequestError
-from ernie_cluster.serving.protocol import ChatCompletionRequest, SamplingFields
-from ernie_cluster.serving.settings import ServingSettings
-from ernie_cluster.structured_output.params import StructuredOutputsParams
+from ernie_cluster.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 SESSION_HEADER = "x-session-id"
 
@@ -25,27 +23,20 @@ def bad_request(exc: ValueError) -> BadRequestError:
 
 
 def to_sampling_params(
-    request: SamplingFields,
-    settings: ServingSettings,
-    max_tokens: int | None,
+    request: ChatCompletionRequest | CompletionRequest,
     logprobs: int | None,
     skip_special_tokens: bool,
     constraint: dict[str, Any] | None = None,
 ) -> SamplingParams:
     """`constraint`: the request's output format (see serving.constraints), if any."""
-    defaults = settings.default_sampling
-    temperature = request.temperature
-    if temperature is None:
-        temperature = defaults.get("temperature", 1.0)
-    top_p = request.top_p if request.top_p is not None else defaults.get("top_p", 1.0)
-    top_k = request.top_k if request.top_k is not None else int(defaults.get("top_k", 0))
     stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    max_tokens = request.max_output_tokens
     try:
         return SamplingParams(
             n=request.n,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
+            temperature=request.temperature,  # None: the checkpoint's (the processor's)
+            top_p=request.top_p,
+            top_k=request.top_k,
             min_p=request.min_p or 0.0,
             presence_penalty=request.presence_penalty or 0.0,
             frequency_penalty=request.frequency_penalty or 0.0,

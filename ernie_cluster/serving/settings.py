@@ -83,15 +83,6 @@ class ServingSettings:
     def max_model_len(self) -> int:
         return self.facts.max_model_len
 
-    @property
-    def vocab_size(self) -> int:
-        return self.facts.vocab_size
-
-    @property
-    def default_sampling(self) -> dict[str, float]:
-        """temperature / top_p / top_k from generation_config.json, for omitted fields."""
-        return self.facts.default_sampling
-
     @cached_property
     def processor(self) -> InputProcessor:
         return InputProcessor(self.facts, self.tokenizer)

@@ -26,12 +26,12 @@ def sse(payload: BaseModel | dict) -> str:
 
 
 class Peeked:
-    """An async iterator that already holds its first item (`first`, None for an empty
-    stream); `served_by` is read off it."""
+    """An async iterator that already holds its first item (None for an empty stream);
+    `replica` is the model replica serving the stream, when its engine client names one
+    (see EngineClient)."""
 
     def __init__(self, first, iterator) -> None:
-        self.first = first
-        self.served_by = getattr(first, "served_by", None)
+        self.replica: str | None = getattr(iterator, "replica", None)
         self._gen = self._replay(first, iterator)
 
     @staticmethod

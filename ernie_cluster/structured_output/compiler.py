@@ -17,12 +17,14 @@ from collections import OrderedDict, deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import xgrammar
-
+from ernie_cluster.structured_output.json_whitespace import with_json_whitespace
 from ernie_cluster.structured_output.params import GrammarSpec
 from ernie_cluster.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    import xgrammar
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ def tokenizer_info(
 ) -> xgrammar.TokenizerInfo:
     """xgrammar's view of the vocabulary: token strings, with special tokens blanked so no
     grammar ever allows them as text, padded to the model's `vocab_size` rows."""
+    import xgrammar  # NOTE: here, where grammars are compiled: it pulls in torch
+
     num_tokens = tokenizer.vocab_size
     if num_tokens > vocab_size:
         raise ValueError(
@@ -92,7 +96,8 @@ class GrammarBusyError(GrammarError, RuntimeError):
 # -------------------------------------------------------------------------------- pool
 @dataclass(frozen=True)
 class CompileLimits:
-    """How much grammar compilation one engine may do (EngineConfig's grammar_* fields)."""
+    """How much grammar compilation one engine may do (EngineConfig's grammar_* fields), and
+    its rule for whitespace in JSON."""
 
     threads: int
     """Compiles running at once (each on its own thread, off the step loop)."""
@@ -103,6 +108,8 @@ class CompileLimits:
     """Compiles waiting for a thread; a new spec beyond this is refused at once."""
     cache_bytes: int
     """Budget of the compiled-grammar cache (spec text + xgrammar's memory_size_bytes)."""
+    json_any_whitespace: bool = False
+    """Free (bounded) whitespace in constrained JSON; False: compact JSON (json_whitespace)."""
 
     @classmethod
     def from_config(cls, config: Any) -> CompileLimits:
@@ -112,6 +119,7 @@ class CompileLimits:
             timeout_s=config.grammar_compile_timeout_s,
             max_pending=config.grammar_max_pending_compiles,
             cache_bytes=config.grammar_cache_bytes,
+            json_any_whitespace=config.structured_outputs_any_whitespace,
         )
 
 
@@ -166,6 +174,8 @@ class GrammarCompiler:
         stop_token_ids: Iterable[int],
         limits: CompileLimits,
     ) -> None:
+        import xgrammar
+
         self.info = tokenizer_info(tokenizer, vocab_size, stop_token_ids)
         self.vocab_size = vocab_size
         self.limits = limits
@@ -296,7 +306,8 @@ class GrammarCompiler:
 
     def _compile(self, structural_tag: str) -> xgrammar.CompiledGrammar:
         start = time.perf_counter()
-        compiled = self._compiler.compile_structural_tag(structural_tag)
+        tag = with_json_whitespace(structural_tag, self.limits.json_any_whitespace)
+        compiled = self._compiler.compile_structural_tag(tag)
         logger.debug("compiled a grammar in %.1f ms", (time.perf_counter() - start) * 1e3)
         return compiled
 

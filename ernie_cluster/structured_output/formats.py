@@ -1,7 +1,7 @@
 """Constraints as xgrammar structural-tag formats, validated, and the ERNIE output layout.
 
 Turns a `StructuredOutputsParams` into a format dict and checks it before anything reaches the
-engine (an unsupported schema keyword or a bad regex is an `InputError` naming the field).
+engine (an unsupported schema keyword or a bad regex is a `FormatError` naming the field).
 Also owns how ERNIE-4.5 Thinking lays out an answer after `</think>`, so a constraint can start
 there: `\\n\\n<response>\\n{answer}\\n</response>\\n`, or tool calls
 `\\n\\n\\n<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>\\n`.
@@ -11,17 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-import xgrammar
-
-from ernie_cluster.inputs.errors import InputError
-from ernie_cluster.structured_output.params import StructuredOutputsParams
-
-# NOTE: models pretty-print JSON (a newline plus indentation), but a run of whitespace with no
-# bound lets a weak model spin on spaces until max_tokens; 32 covers 7 levels of 4-space indent.
-MAX_JSON_WHITESPACE = 32
+from ernie_cluster.sampling_params import StructuredOutputsParams
 
 RESPONSE_PREFIX = "\n\n<response>\n"
 RESPONSE_SUFFIX = "\n</response>\n"
@@ -31,9 +24,18 @@ TOOL_CALL_TRIGGER = "<tool_call>"
 MAX_SCHEMA_DEPTH = 64
 _SAFE_STRING = r'^[^\x00-\x1f"\\]{{{},{}}}$'
 # xgrammar accepts these schema keywords without enforcing them, so an output could break the
-# schema; they are refused instead.
-_UNENFORCED_KEYWORDS = ("not",)
+# schema; they are refused instead (`uniqueItems` only when true: false asks for nothing).
+_UNENFORCED_KEYWORDS = {"not": None, "uniqueItems": True}
 _XGRAMMAR_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+class FormatError(ValueError):
+    """A constraint that cannot be used; `param` names the request field at fault (read into
+    the OpenAI error body as an `inputs.errors.InputError`'s is)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 def _clean(exc: BaseException) -> str:
@@ -47,20 +49,18 @@ def json_schema_format(schema: Any, param: str) -> dict[str, Any]:
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{param} is not valid JSON: {exc}", param=param) from exc
+            raise FormatError(f"{param} is not valid JSON: {exc}", param=param) from exc
     if not isinstance(schema, dict | bool):
-        raise InputError(
+        raise FormatError(
             f"{param} must be a JSON schema object, got {type(schema).__name__}", param=param
         )
     if isinstance(schema, dict):
         _check_depth(schema, param)
         _check_schema(schema, param)
         schema = _with_safe_string_lengths(schema)
-    fmt = {
-        "type": "json_schema",
-        "json_schema": schema,
-        "max_whitespace_cnt": MAX_JSON_WHITESPACE,
-    }
+    # NOTE: no whitespace setting here: the engine's compiler gives every plain json_schema
+    # format its rule (compact by default; structured_output.json_whitespace).
+    fmt = {"type": "json_schema", "json_schema": schema}
     _check_format(fmt, param)
     return fmt
 
@@ -72,19 +72,19 @@ def _check_schema(schema: dict[str, Any], param: str) -> None:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         where = "/".join(str(p) for p in exc.path)
-        raise InputError(
+        raise FormatError(
             f"{param} is not a valid JSON schema{f' at {where}' if where else ''}: {exc.message}",
             param=param,
         ) from exc
     for path, keyword, value in _keywords(schema, ""):
         if keyword == "$ref" and not (isinstance(value, str) and value.startswith("#")):
-            raise InputError(
+            raise FormatError(
                 f"{param} has a $ref to {value!r} at {path or '/'}: only references inside the "
                 "schema ('#/$defs/...') are followed; inline the referenced schema",
                 param=param,
             )
-        if keyword in _UNENFORCED_KEYWORDS:
-            raise InputError(
+        if keyword in _UNENFORCED_KEYWORDS and _UNENFORCED_KEYWORDS[keyword] in (None, value):
+            raise FormatError(
                 f"{param} uses the keyword {keyword!r} at {path or '/'}, which structured "
                 "outputs cannot enforce; rewrite the schema without it",
                 param=param,
@@ -98,7 +98,7 @@ def _check_depth(node: Any, param: str) -> None:
     while stack:
         current, depth = stack.pop()
         if depth > MAX_SCHEMA_DEPTH:
-            raise InputError(
+            raise FormatError(
                 f"{param} is nested deeper than {MAX_SCHEMA_DEPTH} levels", param=param
             )
         children = current.values() if isinstance(current, dict) else current
@@ -114,21 +114,30 @@ def _with_safe_string_lengths(schema: dict[str, Any]) -> dict[str, Any]:
     the same bounds as a pattern keep the string valid.
     """
     copy = json.loads(json.dumps(schema))
-    stack: list[Any] = [copy]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
-        if not isinstance(node, dict):
-            continue
+    for node in dict_nodes(copy, lambda n: [v for k, v in n.items() if k not in _VALUE_KEYS]):
         bounded = "minLength" in node or "maxLength" in node
         if bounded and node.get("type") == "string" and not {"pattern", "format"} & set(node):
             low = int(node.pop("minLength", 0))
             high = node.pop("maxLength", None)
             node["pattern"] = _SAFE_STRING.format(low, "" if high is None else int(high))
-        stack.extend(v for k, v in node.items() if k not in ("enum", "const", "default"))
     return copy
+
+
+_VALUE_KEYS = ("enum", "const", "default")
+
+
+def dict_nodes(root: Any, children: Callable[[dict], Iterable[Any]]) -> Iterator[dict]:
+    """Every dict in the JSON tree `root` (lists are walked through), descending into
+    `children(node)`, computed after the caller has seen (and possibly changed) the node.
+    Iterative: schemas and structural tags come from users and may nest deeply."""
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            yield node
+            stack.extend(children(node))
 
 
 def _keywords(node: Any, path: str) -> Iterator[tuple[str, str, Any]]:
@@ -153,7 +162,7 @@ def _keywords(node: Any, path: str) -> Iterator[tuple[str, str, Any]]:
 
 def regex_format(pattern: Any, param: str) -> dict[str, Any]:
     if not isinstance(pattern, str) or not pattern:
-        raise InputError(f"{param} must be a non-empty regular expression string", param=param)
+        raise FormatError(f"{param} must be a non-empty regular expression string", param=param)
     fmt = {"type": "regex", "pattern": pattern}
     _check_format(fmt, param)
     return fmt
@@ -165,13 +174,13 @@ def choice_format(choices: Any, param: str) -> dict[str, Any]:
         or not choices
         or not all(isinstance(c, str) and c for c in choices)
     ):
-        raise InputError(f"{param} must be a non-empty list of non-empty strings", param=param)
+        raise FormatError(f"{param} must be a non-empty list of non-empty strings", param=param)
     return {"type": "or", "elements": [{"type": "const_string", "value": c} for c in choices]}
 
 
 def grammar_format(ebnf: Any, param: str) -> dict[str, Any]:
     if not isinstance(ebnf, str) or not ebnf.strip():
-        raise InputError(f"{param} must be a non-empty EBNF grammar string", param=param)
+        raise FormatError(f"{param} must be a non-empty EBNF grammar string", param=param)
     fmt = {"type": "grammar", "grammar": ebnf}
     _check_format(fmt, param)
     return fmt
@@ -184,9 +193,9 @@ def structural_tag_format(tag: Any, param: str) -> dict[str, Any]:
         try:
             tag = json.loads(tag)
         except json.JSONDecodeError as exc:
-            raise InputError(f"{param} is not valid JSON: {exc}", param=param) from exc
+            raise FormatError(f"{param} is not valid JSON: {exc}", param=param) from exc
     if not isinstance(tag, dict):
-        raise InputError(f"{param} must be a JSON object", param=param)
+        raise FormatError(f"{param} must be a JSON object", param=param)
     if "structures" in tag:
         fmt = {
             "type": "triggered_tags",
@@ -205,7 +214,7 @@ def structural_tag_format(tag: Any, param: str) -> dict[str, Any]:
     elif isinstance(tag.get("format"), dict):
         fmt = tag["format"]
     else:
-        raise InputError(f"{param} needs a 'format' (or 'structures') entry", param=param)
+        raise FormatError(f"{param} needs a 'format' (or 'structures') entry", param=param)
     _check_format(fmt, param)
     return fmt
 
@@ -229,11 +238,16 @@ def params_format(params: StructuredOutputsParams, param: str) -> dict[str, Any]
 
 def _check_format(fmt: dict[str, Any], param: str) -> None:
     """Parse the format as xgrammar will (no tokenizer needed), so errors surface as 400s."""
+    # NOTE: imported here, not at the top: xgrammar pulls in torch and transformers, which the
+    # HTTP ingress (importing this module for the layout helpers) must not load until a request
+    # actually carries a constraint.
+    import xgrammar
+
     tag = json.dumps({"type": "structural_tag", "format": fmt}, ensure_ascii=False)
     try:
         xgrammar.Grammar.from_structural_tag(tag)
     except Exception as exc:  # xgrammar raises RuntimeError/ValueError/pydantic errors
-        raise InputError(f"{param} is not supported: {_clean(exc)}", param=param) from exc
+        raise FormatError(f"{param} is not supported: {_clean(exc)}", param=param) from exc
 
 
 # ---------------------------------------------------------------------------- ERNIE layout

@@ -15,9 +15,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
-from typing import Any
-
-import xgrammar
+from typing import TYPE_CHECKING, Any
 
 from ernie_cluster.step_io import GrammarBitmask
 from ernie_cluster.structured_output.compiler import (
@@ -28,6 +26,9 @@ from ernie_cluster.structured_output.compiler import (
 )
 from ernie_cluster.structured_output.params import GrammarSpec
 from ernie_cluster.structured_output.utf8_guard import Utf8Guard
+
+if TYPE_CHECKING:
+    import xgrammar
 from ernie_cluster.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ class GrammarState:
 
     def _matcher(self) -> xgrammar.GrammarMatcher:
         if self.matcher is None:  # only once ready: a failed compile never runs a step
+            import xgrammar  # NOTE: here, where grammars run: it pulls in torch
+
             self.matcher = xgrammar.GrammarMatcher(
                 self.job.future.result(), override_stop_tokens=self.stop_token_ids or None
             )
@@ -163,6 +166,8 @@ class StructuredOutputManager:
         rows = [(req_id, s) for req_id, s in sampling if s.constrains_next_token]
         if not rows:
             return None
+        import xgrammar
+
         bits = xgrammar.allocate_token_bitmask(len(rows), self._vocab_size)  # [G, W] int32
         guard = self._utf8_guard
         for i, (_, state) in enumerate(rows):

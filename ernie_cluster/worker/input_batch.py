@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ernie_cluster.attention.metadata import AttentionMetadata, positions_and_slots
-from ernie_cluster.sample.upload import StepUpload
+from ernie_cluster.worker.step_upload import StepUpload
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ernie_cluster.attention.metadata import AttentionMetadata
-from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.config.engine_config import EngineConfig, max_model_len_for
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ def run_profile_forward(
     traffic (ranks then agree on the smallest budget, so the heaviest-loaded one decides).
     """
     block_size = config.block_size
-    max_model_len = config.max_model_len or model.config.max_position_embeddings
+    max_model_len = max_model_len_for(config.max_model_len, model.config)
     query_lens = profile_query_lens(config, max_model_len)
     block_tables, num_blocks = [], 0
     for q_len in query_lens:

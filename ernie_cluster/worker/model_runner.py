@@ -4,7 +4,8 @@ Keeps the per-request state a worker needs between steps (token ids, computed co
 sampling state, and a row of the persistent device batch holding its block table) so the
 driver only sends diffs. A step is one packed host->device copy of its inputs
 (worker/input_batch), the forward, sampling on rank 0 (under the step's grammar bitmask, if any), and one device->host copy of the
-sampled tokens (plus logprobs when asked); nothing else reads the device back. Steps replay
+sampled tokens (plus logprobs when asked); nothing else reads the device back (prompt logprobs,
+when a request asks, add one copy: worker/prompt_logprobs). Steps replay
 CUDA graphs when they were captured: whole decode steps (worker/cuda_graphs), every other
 step piecewise (worker/piecewise_graphs). Never decides who runs.
 """
@@ -17,12 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.config.engine_config import EngineConfig, max_model_len_for
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sample import Sampler, SamplingState
 from ernie_cluster.sample.grammar_mask import apply_grammar_bitmask
 from ernie_cluster.sample.sampling_state import record_sampled
 from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
+from ernie_cluster.worker import prompt_logprobs
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
 from ernie_cluster.worker.kv_offload import HostKVPool
 
@@ -36,6 +38,10 @@ class CachedRequestState:
     sampling: SamplingState
     row: int
     """Row of the persistent batch (its block table) held until the request finishes."""
+    num_prompt_logprobs: int | None = None
+    """`params.prompt_logprobs` of the first sample of a request that asks; None: none."""
+    prompt_logprobs_done: int = 0
+    """Positions whose prompt logprobs were reported (a recompute reports nothing twice)."""
 
 
 def allocate_kv_caches(
@@ -67,7 +73,7 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.requests: dict[str, CachedRequestState] = {}
-        max_model_len = config.max_model_len or model.config.max_position_embeddings
+        max_model_len = max_model_len_for(config.max_model_len, model.config)
         self.input_batch = InputBatch(
             max_num_reqs=config.max_num_seqs,
             max_blocks_per_req=-(-max_model_len // self.block_size),
@@ -76,6 +82,8 @@ class ModelRunner:
         )
         self.cuda_graphs = None
         self.piecewise_graphs = None
+        self.prompt_plan: prompt_logprobs.PromptLogprobsPlan | None = None
+        """The last prepared step's prompt-logprob rows (None: no request asked)."""
 
     def capture_cuda_graphs(self) -> None:
         """Capture the step graphs (CUDA only, unless enforce_eager; at W > 1 only when asked)."""
@@ -124,6 +132,8 @@ class ModelRunner:
                     device=self.device,
                 ),
                 row=batch.add_row(list(new.block_ids)),
+                # NOTE: the n samples of a request share its prompt: the first one reports.
+                num_prompt_logprobs=new.params.prompt_logprobs if new.sample_index == 0 else None,
             )
         for cached in out.cached_requests:
             state = self.requests[cached.req_id]
@@ -134,7 +144,9 @@ class ModelRunner:
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _prepare(self, out: SchedulerOutput) -> tuple[StepInputs, list[str]]:
-        """Host arrays of the step in batch order (decodes first), uploaded once."""
+        """Host arrays of the step in batch order (decodes first), uploaded once, and the
+        requests that sample; `self.prompt_plan`: the rows whose prompt logprobs the step
+        reports (None: no request asks)."""
         scheduled = out.num_scheduled_tokens
         # NOTE: decodes first, so attention backends see them as one block of rows.
         order = [r for r, n in scheduled.items() if n == 1]
@@ -147,14 +159,20 @@ class ModelRunner:
         input_ids: list[int] = []
         sample_rows: list[int] = []
         sample_ids: list[str] = []
+        prompt_plan = None
         for i, req_id in enumerate(order):
             state = self.requests[req_id]
             start = state.num_computed_tokens
             stop = start + scheduled[req_id]
+            if state.num_prompt_logprobs is not None:
+                prompt_plan = self._plan_prompt_logprobs(
+                    prompt_plan, req_id, state, start, stop, len(input_ids)
+                )
             input_ids.extend(state.token_ids[start:stop])
             rows[i], query_lens[i], seq_lens[i] = state.row, stop - start, stop
             state.num_computed_tokens = stop
-            if stop == len(state.token_ids):
+            # NOTE: max_tokens = 0 (prompt logprobs only): the request ends after its prompt.
+            if stop == len(state.token_ids) and state.sampling.params.max_tokens != 0:
                 sample_rows.append(len(input_ids) - 1)
                 sample_ids.append(req_id)
         inputs = self.input_batch.prepare(
@@ -165,7 +183,29 @@ class ModelRunner:
             np.asarray(sample_rows, dtype=np.int64),
             num_decodes,
         )
+        self.prompt_plan = prompt_plan
         return inputs, sample_ids
+
+    @staticmethod
+    def _plan_prompt_logprobs(
+        plan: prompt_logprobs.PromptLogprobsPlan | None,
+        req_id: str,
+        state: CachedRequestState,
+        start: int,
+        stop: int,
+        first_row: int,
+    ) -> prompt_logprobs.PromptLogprobsPlan | None:
+        """Add the rows of positions [start, stop) (packed from `first_row` on) that predict
+        a prompt token not yet reported."""
+        num_prompt = len(state.sampling.prompt_token_ids)
+        lo, hi = prompt_logprobs.plan_rows(start, stop, num_prompt, state.prompt_logprobs_done)
+        if lo == hi:
+            return plan
+        plan = plan or prompt_logprobs.PromptLogprobsPlan()
+        rows = range(first_row + lo - start, first_row + hi - start)
+        plan.add(req_id, rows, state.token_ids[lo + 1 : hi + 1], state.num_prompt_logprobs or 0)
+        state.prompt_logprobs_done = hi
+        return plan
 
     @torch.inference_mode()
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
@@ -175,6 +215,7 @@ class ModelRunner:
         if out.is_empty:
             return ModelRunnerOutput()
         inputs, sample_ids = self._prepare(out)
+        prompt_plan = self.prompt_plan
         hidden = None
         if self.cuda_graphs is not None:
             hidden = self.cuda_graphs.run(inputs)
@@ -184,18 +225,22 @@ class ModelRunner:
             if self.model.mask_padding:  # graphs were captured: eager steps have no padding
                 self.model.set_num_real_tokens(inputs.meta.num_tokens)
             hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)  # [n, H]
+        result = ModelRunnerOutput()
+        if prompt_plan is not None:
+            result.prompt_logprobs = prompt_logprobs.compute(self.model, hidden, prompt_plan)
         if not sample_ids:
-            return ModelRunnerOutput()
+            return result
         logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
-        return self._sample(logits, sample_ids, out.grammar)
+        return self._sample(logits, sample_ids, out.grammar, result)
 
     def _sample(
         self,
         logits: torch.Tensor | None,
         sample_ids: list[str],
         grammar: GrammarBitmask | None = None,
+        result: ModelRunnerOutput | None = None,
     ) -> ModelRunnerOutput:
-        result = ModelRunnerOutput()
+        result = result or ModelRunnerOutput()
         comm = self.model.comm
         sampled = None
         if comm.is_first:

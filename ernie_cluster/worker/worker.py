@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ernie_cluster.attention.selector import get_attention_backend
-from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.config.engine_config import EngineConfig, max_model_len_for
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.loader.model_loader import load_model
@@ -54,7 +54,7 @@ class Worker:
         )
         # NOTE: a max_model_len beyond the checkpoint's max_position_embeddings needs more
         # RoPE rows than the model builds by default.
-        self.model.rotary.extend(config.max_model_len or 0)
+        self.model.rotary.extend(max_model_len_for(config.max_model_len, self.model.config))
         self.num_kv_blocks = determine_num_kv_blocks(self.model, config, self.device)
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config, self.device)
         self.runner.capture_cuda_graphs()

@@ -1,6 +1,6 @@
 """The load generator's parts against independent oracles: arrival statistics against the
-gamma distribution's moments, percentiles against numpy, goodput by hand, datasets against
-the tokenizer, and the SSE client against a scripted ASGI server."""
+gamma distribution's moments, percentiles against order statistics, goodput by hand, datasets
+against the tokenizer, and the SSE client against a scripted ASGI server."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import random
 import statistics
 
 import httpx
-import numpy as np
 import pytest
 
 from ernie_cluster.bench.arrivals import arrival_gaps
@@ -66,13 +65,21 @@ def result(start, ttft, end, out_tokens, ok=True, status="200", itls=()):
     )
 
 
-def test_latency_stats_match_numpy():
-    values = [random.Random(3).random() for _ in range(101)]
+def test_latency_stats_match_order_statistics():
+    rng = random.Random(3)
+    values = [rng.random() for _ in range(101)]
+    assert len(set(values)) == 101  # distinct: mixing up two statistics changes the answer
     stats = latency_stats(values)
-    ms = np.array(values) * 1e3
-    assert stats["p50"] == pytest.approx(np.percentile(ms, 50))
-    assert stats["p99"] == pytest.approx(np.percentile(ms, 99))
-    assert stats["mean"] == pytest.approx(ms.mean())
+    ordered = sorted(v * 1e3 for v in values)
+    # With 101 values the p-th percentile (linear interpolation) is the p-th order statistic.
+    assert [stats["p50"], stats["p90"], stats["p99"]] == pytest.approx(
+        [ordered[50], ordered[90], ordered[99]]
+    )
+    assert (stats["min"], stats["max"]) == pytest.approx((ordered[0], ordered[-1]))
+    assert stats["mean"] == pytest.approx(statistics.fmean(ordered))
+    # Between order statistics it interpolates: rank p / 100 * (n - 1), by hand for n = 4.
+    small = latency_stats([4.0, 1.0, 3.0, 2.0])
+    assert [small["p50"], small["p90"], small["p99"]] == pytest.approx([2500, 3700, 3970])
     assert latency_stats([]) == dict.fromkeys(["mean", "min", "max", "p50", "p90", "p99"])
 
 

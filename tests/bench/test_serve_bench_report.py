@@ -15,6 +15,7 @@ import pytest
 from ernie_cluster.bench import plots
 from ernie_cluster.bench.client import RequestResult
 from ernie_cluster.bench.metrics import parse_slos, summarize, timeline
+from ernie_cluster.bench.run_files import fresh_label
 from ernie_cluster.bench.serve_bench import ServeBenchConfig, format_summary, run_title
 
 
@@ -156,3 +157,30 @@ def test_bench_serve_prints_no_request_log_lines(tiny_checkpoint, tmp_path):
     for name in ("serve_bench_latency.png", "serve_bench_throughput.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not math.isnan(report["summary"]["request_throughput"])
+
+
+def test_title_counts_the_requests_really_sent():
+    """A duration can end a run before `--num-prompts` requests went out: the figure says how
+    many were sent, not how many were planned."""
+    config = ServeBenchConfig(base_url="http://127.0.0.1:8000", num_requests=200, duration_s=30.0)
+    assert "90 of 200 requests sent" in run_title(config, "demo", num_sent=90)
+    assert ", 200 requests" not in run_title(config, "demo", num_sent=90)
+    assert ", 200 requests" in run_title(config, "demo", num_sent=200)
+
+
+def test_long_title_lines_wrap_instead_of_clipping(figures, tmp_path):
+    title = "demo @ http://127.0.0.1:8000 (chat)\n" + ", ".join(["closed loop of 32 users"] * 8)
+    plots.plot_throughput(timeline(make_results(), bucket_s=0.5), tmp_path / "t.png", title)
+    (fig,) = figures
+    lines = fig._suptitle.get_text().split("\n")
+    assert lines[0] == "demo @ http://127.0.0.1:8000 (chat)"
+    assert len(lines) > 2 and all(len(line) <= plots.TITLE_CHARS for line in lines)
+    assert " ".join(lines[1:]) == ", ".join(["closed loop of 32 users"] * 8)
+
+
+def test_a_second_run_keeps_the_first_runs_files(tmp_path):
+    (tmp_path / "serve_bench.json").write_text("{}")
+    assert fresh_label(tmp_path, "serve_bench", (".json", "_latency.png")) == "serve_bench-2"
+    (tmp_path / "serve_bench-2_latency.png").write_bytes(b"")
+    assert fresh_label(tmp_path, "serve_bench", (".json", "_latency.png")) == "serve_bench-3"
+    assert fresh_label(tmp_path, "other", (".json",)) == "other"

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
 from ernie_cluster.config import ErnieMoeConfig
+from ernie_cluster_tools.fixtures.make_tiny import make_tiny_checkpoint
 
 
 def digest(directory) -> dict[str, str]:

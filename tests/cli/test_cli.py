@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from ernie_cluster.cli.main import build_parser, serve_config_from_args
+from ernie_cluster.cli.main import build_parser
+from ernie_cluster.cli.serve import serve_config_from_args
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -32,14 +33,16 @@ def test_help_lists_subcommands():
 @pytest.mark.slow  # two child processes that each load torch and the model: about 10 s
 def test_generate_on_demo_checkpoint(tmp_path):
     """No --model: the shipped demo model answers a greeting, greedy, the same way twice, and
-    nothing is written to the user's cache."""
+    nothing is written to the user's cache. `--chat` prints reasoning and answer apart, with
+    room (the default max tokens) to finish both."""
     env = {"XDG_CACHE_HOME": str(tmp_path)}
-    args = ("generate", "--chat", "--prompt", "Hello!", "--max-tokens", "120", "--temperature", "0")
+    args = ("generate", "--chat", "--prompt", "Hello!", "--temperature", "0")
     first = run_cli(*args, env=env)
     assert first.returncode == 0, first.stderr
     line = json.loads(first.stdout.strip().splitlines()[-1])
     assert line["finish_reason"] == "stop"
-    assert "</think>" in line["text"] and "<response>" in line["text"]
+    assert line["reasoning_content"] and line["content"]
+    assert not any(tag in line["content"] for tag in ("<response>", "</think>", "</response>"))
     assert not list(tmp_path.iterdir())
     second = run_cli(*args, env=env)
     assert json.loads(second.stdout.strip().splitlines()[-1]) == line
@@ -172,8 +175,11 @@ def test_gpu_engine_flags_documented(command, capsys):
 
 
 def test_gpu_engine_flags_reach_the_engine_config():
-    from ernie_cluster.cli.main import engine_kwargs
-    from ernie_cluster.config.engine_config import EngineConfig
+    from ernie_cluster.cli.model_args import model_values
+    from ernie_cluster.config.engine_config import EngineConfig, EngineSettings
+
+    def engine_kwargs(args):
+        return model_values(args, EngineSettings)
 
     defaults = engine_kwargs(build_parser().parse_args(["generate"]))
     assert (
@@ -183,7 +189,7 @@ def test_gpu_engine_flags_reach_the_engine_config():
     ) == (0.9, "auto", False)
     flags = ("--gpu-memory-utilization", "0.75", "--attention-backend", "torch", "--enforce-eager")
     engine = EngineConfig(
-        model="m", **engine_kwargs(build_parser().parse_args(["generate", *flags]))
+        **{**engine_kwargs(build_parser().parse_args(["generate", *flags])), "model": "m"}
     )
     assert (engine.gpu_memory_utilization, engine.attention_backend, engine.enforce_eager) == (
         0.75,

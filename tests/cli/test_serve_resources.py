@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from ernie_cluster.cli.main import app_resources, local_num_cpus, replica_bounds
+from ernie_cluster.cli.ray_resources import app_resources, local_num_cpus, replica_bounds
 from ernie_cluster.distributed.process_group import free_port
 from ernie_cluster.serving.ray_serve.config import AutoscalingConfig, ServeAppConfig
 

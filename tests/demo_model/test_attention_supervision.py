@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from ernie_cluster.demo_model.architecture import demo_config
-from ernie_cluster.demo_model.attention_supervision import (
+from ernie_cluster_tools.demo_model.architecture import demo_config
+from ernie_cluster_tools.demo_model.attention_supervision import (
     AttentionSupervision,
     head_log_probs,
     induction_targets,
 )
-from ernie_cluster.demo_model.dataset import IGNORE_INDEX
-from ernie_cluster.demo_model.trainer import init_model
+from ernie_cluster_tools.demo_model.dataset import IGNORE_INDEX
+from ernie_cluster_tools.demo_model.trainer import init_model
 
 NARROW = {"hidden_size": 32, "intermediate_size": 64, "moe_intermediate_size": 16, "head_dim": 8}
 

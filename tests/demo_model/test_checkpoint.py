@@ -8,10 +8,11 @@ import pytest
 from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 
-from ernie_cluster.checkpoints.tiny_tokenizer import CONTROL_TOKENS
+from ernie_cluster.checkpoints.demo import demo_checkpoint as shipped_checkpoint
 from ernie_cluster.config.model_config import ErnieMoeConfig
-from ernie_cluster.demo_model import lexicon, shipped_checkpoint
 from ernie_cluster.tokenizer import load_tokenizer
+from ernie_cluster_tools.demo_model import lexicon
+from ernie_cluster_tools.fixtures.tiny_tokenizer import CONTROL_TOKENS
 
 MAX_BYTES = 8 * 1024 * 1024
 

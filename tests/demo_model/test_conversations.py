@@ -9,10 +9,10 @@ import re
 
 import pytest
 
-from ernie_cluster.demo_model import lexicon
-from ernie_cluster.demo_model.conversations import FAMILIES, generate_examples
-from ernie_cluster.demo_model.dataset import render_prompt
-from ernie_cluster.demo_model.pipeline import chat_template
+from ernie_cluster_tools.demo_model import lexicon
+from ernie_cluster_tools.demo_model.conversations import FAMILIES, generate_examples
+from ernie_cluster_tools.demo_model.dataset import render_prompt
+from ernie_cluster_tools.demo_model.pipeline import chat_template
 
 CALL_FORMAT = re.compile(
     r"^(?P<reasoning>[^<]+)\n</think>\n\n\n<tool_call>\n(?P<call>\{.*\})\n</tool_call>\n<\|im_end\|>$",

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from ernie_cluster import LLM, SamplingParams
-from ernie_cluster.demo_model import shipped_checkpoint
-from ernie_cluster.demo_model.conversations import generate_examples
-from ernie_cluster.demo_model.dataset import render_prompt
-from ernie_cluster.demo_model.pipeline import chat_template
+from ernie_cluster.checkpoints.demo import demo_checkpoint as shipped_checkpoint
 from ernie_cluster.tokenizer import load_tokenizer
+from ernie_cluster_tools.demo_model.conversations import generate_examples
+from ernie_cluster_tools.demo_model.dataset import render_prompt
+from ernie_cluster_tools.demo_model.pipeline import chat_template
 
 MAX_TOKENS = 120
 FAMILIES = ("weather_call", "weather_answer", "greeting", "follow_up_unit", "remember_name")

@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from ernie_cluster.demo_model import SERVED_NAME, shipped_checkpoint
-from ernie_cluster.demo_model.conversations import generate_examples, weather_tool
+from ernie_cluster.checkpoints.demo import DEMO_SERVED_NAME as SERVED_NAME
+from ernie_cluster.checkpoints.demo import demo_checkpoint as shipped_checkpoint
 from ernie_cluster.distributed.process_group import free_port
+from ernie_cluster_tools.demo_model.conversations import generate_examples, weather_tool
 
 pytestmark = pytest.mark.slow
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer as HFTokenizer
 
-from ernie_cluster.demo_model import shipped_checkpoint
-from ernie_cluster.demo_model.architecture import demo_config
-from ernie_cluster.demo_model.pipeline import build_demo_tokenizer, chat_template
-from ernie_cluster.demo_model.trainer import TrainSettings, learning_rate_at, train
+from ernie_cluster.checkpoints.demo import demo_checkpoint as shipped_checkpoint
+from ernie_cluster_tools.demo_model.architecture import demo_config
+from ernie_cluster_tools.demo_model.pipeline import build_demo_tokenizer, chat_template
+from ernie_cluster_tools.demo_model.trainer import TrainSettings, learning_rate_at, train
 
 NARROW = {
     "hidden_size": 32,

@@ -26,7 +26,7 @@ OVERRIDES = dict(num_attention_heads=8, num_key_value_heads=4)
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
+    from ernie_cluster_tools.fixtures.make_tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(
         tmp_path_factory.mktemp("w4"), preset="tiny", seed=3, overrides=OVERRIDES
@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory):
 
 def run_script(runner: ModelRunner, layout: str) -> dict:
     """The mixed script under `layout`; per step: its kind and census (at W > 1)."""
-    from ernie_cluster.distributed.census import census_step
+    from ernie_cluster_tools.census import census_step
 
     runner.model.collective_layout = layout
     script, steps = mixed_script()

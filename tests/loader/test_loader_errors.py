@@ -11,7 +11,8 @@ import torch
 from hf_reference import save_hf_checkpoint
 from safetensors.torch import load_file, save_file
 
-from ernie_cluster.loader import CheckpointError, load_model
+from ernie_cluster.loader.checkpoint_files import CheckpointError
+from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.sharding import ShardSpec
 
 
@@ -64,10 +65,24 @@ def test_unexpected_tensor(checkpoint):
         load_model(checkpoint, dtype="float32", show_progress=False)
 
 
-def test_mtp_tensors_are_skipped(checkpoint):
-    name = "model.norm.weight"
-    _rewrite(checkpoint, name, lambda t: t.update({"mtp_block.0.weight": torch.ones(3)}))
-    load_model(checkpoint, dtype="float32", show_progress=False)
+def test_mtp_tensors_are_skipped(pristine, checkpoint):
+    # Multi-token-prediction heads, at the top level and nested as ERNIE-4.5 names them
+    # (`model.mtp_*`): present in the checkpoint, absent from the model, and no other weight
+    # changes because of them.
+    mtp = {
+        "mtp_block.0.weight": torch.ones(3),
+        "model.mtp_block.0.mlp.up_proj.weight": torch.full((4, 8), 7.0),
+        "model.mtp_emb_norm.0.weight": torch.full((8,), 7.0),
+        "model.mtp_linear_proj.0.weight": torch.full((8, 16), 7.0),
+    }
+    _rewrite(checkpoint, "model.norm.weight", lambda t: t.update(mtp))
+    assert set(mtp) <= set(_index(checkpoint)["weight_map"])
+    loaded = load_model(checkpoint, dtype="float32", show_progress=False).state_dict()
+    clean = load_model(pristine, dtype="float32", show_progress=False).state_dict()
+    assert not [name for name in loaded if "mtp" in name]
+    assert loaded.keys() == clean.keys()
+    changed = [name for name, tensor in clean.items() if not torch.equal(loaded[name], tensor)]
+    assert changed == []
 
 
 def test_wrong_shape_names_both_shapes(checkpoint):

@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from ernie_cluster.kernel_counter import KernelCounter, launches_kernel
+from ernie_cluster_tools.kernel_counter import KernelCounter, launches_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import bench_step_ops

@@ -8,7 +8,7 @@ from hf_reference import hf_greedy, hf_logits, make_hf_model
 
 from ernie_cluster import LLM, SamplingParams
 from ernie_cluster.attention import AttentionMetadata
-from ernie_cluster.loader import load_model
+from ernie_cluster.loader.model_loader import load_model
 
 VARIANTS = {
     "tied-start1-shared2": {},

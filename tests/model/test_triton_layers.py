@@ -21,13 +21,13 @@ import pytest
 pytest.importorskip("triton")
 
 from ernie_cluster.attention import AttentionMetadata
-from ernie_cluster.checkpoints.presets import preset_config
 from ernie_cluster.config.model_config import ErnieMoeConfig
-from ernie_cluster.kernel_counter import use_gpu_path
 from ernie_cluster.model import fused_moe, triton_layers, triton_router
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.model.layers import InterleavedRotaryEmbedding, RMSNorm, SwiGLUMLP
 from ernie_cluster.model.moe import Ernie4_5_MoeRouter
+from ernie_cluster_tools.fixtures.presets import preset_config
+from ernie_cluster_tools.kernel_counter import use_gpu_path
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])

@@ -12,7 +12,8 @@ from ernie_cluster.sample import SamplingState
 
 
 def make_state(params, prompt=(1, 2, 3), output=(), eos=(0,), sample_index=0) -> SamplingState:
-    state = SamplingState.create(params, list(prompt), eos, sample_index=sample_index)
+    stops = params.resolve_stop_token_ids(eos)
+    state = SamplingState.create(params, list(prompt), stops, sample_index=sample_index)
     state.output_token_ids.extend(output)
     return state
 

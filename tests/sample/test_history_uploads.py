@@ -10,11 +10,11 @@ import pytest
 import torch
 from sample_reference import penalised_row
 
-from ernie_cluster.diagnostics import SyncRecorder
 from ernie_cluster.sample.penalties import Penalties
 from ernie_cluster.sample.sampling_state import SamplingState, record_sampled
-from ernie_cluster.sample.upload import StepUpload
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.worker.step_upload import StepUpload
+from ernie_cluster_tools.diagnostics import SyncRecorder
 
 VOCAB = 64
 PENALISED = [

@@ -10,8 +10,8 @@ from sample_reference import allowed_distribution, make_state, penalised_row
 
 from ernie_cluster.sample.penalties import MinTokens, Penalties
 from ernie_cluster.sample.top_k_top_p import TopKTopP, apply_min_p
-from ernie_cluster.sample.upload import StepUpload
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster.worker.step_upload import StepUpload
 
 VOCAB = 48
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from sample_reference import make_state
 
-from ernie_cluster.diagnostics import SyncRecorder
 from ernie_cluster.sample import Sampler
 from ernie_cluster.sampling_params import SamplingParams
+from ernie_cluster_tools.diagnostics import SyncRecorder
 
 VOCAB = 96
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])

@@ -9,17 +9,19 @@ from ernie_cluster.sample.sampling_state import derive_seed
 from ernie_cluster.sampling_params import SamplingParams
 
 
-def test_stop_ids_include_eos_and_user_ids():
-    state = SamplingState.create(SamplingParams(stop_token_ids=[5, 6]), [1, 2], [2, 3])
+def test_stop_ids_are_the_resolved_set_as_given():
+    state = SamplingState.create(SamplingParams(stop_token_ids=[5, 6]), [1, 2], [2, 3, 5, 6])
     assert state.stop_token_ids == frozenset({2, 3, 5, 6})
     assert state.output_token_ids == []
     assert state.prompt_token_ids == [1, 2]
     assert state.generator is None
 
 
-def test_ignore_eos_drops_only_eos():
+def test_the_stop_set_includes_eos_and_user_ids_unless_eos_is_ignored():
+    params = SamplingParams(stop_token_ids=[5, 6])
+    assert params.resolve_stop_token_ids([2, 3]) == frozenset({2, 3, 5, 6})
     params = SamplingParams(stop_token_ids=[5], ignore_eos=True)
-    assert SamplingState.create(params, [1], [2, 3]).stop_token_ids == frozenset({5})
+    assert params.resolve_stop_token_ids([2, 3]) == frozenset({5})
 
 
 def test_first_child_uses_the_seed_itself():

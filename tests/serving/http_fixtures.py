@@ -32,8 +32,8 @@ from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.inputs.model_facts import ModelFacts
 from ernie_cluster.outputs import CompletionOutput, RequestOutput
 from ernie_cluster.serving.api import OpenAIServing
-from ernie_cluster.serving.engine_client import LocalEngineClient
 from ernie_cluster.serving.http_app import build_http_app
+from ernie_cluster.serving.local_engine_client import LocalEngineClient
 from ernie_cluster.serving.settings import ServingSettings
 from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.tokenizer import IncrementalDetokenizer, Tokenizer, load_tokenizer
@@ -232,6 +232,8 @@ class ScriptedExecutor:
     choose: ScriptChooser
     eos_token_id: int
     num_kv_blocks: int = 256
+    recovers_from_step_errors: bool = False
+    """A failed step (a test replaces `execute_model`) kills the engine, as a dead rank does."""
     step_delay_s: float = 0.0
     """Time each step takes, as a model's forward would."""
     requests: dict[str, _ScriptedRequest] = field(default_factory=dict)
@@ -447,14 +449,3 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, interval_s: floa
         if time.monotonic() >= deadline:
             return False
         time.sleep(interval_s)
-
-
-def sse_events(lines: Iterator[str]) -> Iterator[str]:
-    """`data:` payloads of a server-sent-event stream, up to and excluding [DONE]."""
-    for line in lines:
-        if not line.startswith("data: "):
-            continue
-        payload = line[len("data: ") :]
-        if payload == "[DONE]":
-            return
-        yield payload

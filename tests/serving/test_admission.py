@@ -4,7 +4,6 @@ what is left over gets 503 + Retry-After."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -13,13 +12,6 @@ from http_fixtures import openai_error, serve_local, serve_scripted_engine, wait
 MAX_NUM_SEQS = 6
 MAX_WAITING = 2
 FITS = MAX_NUM_SEQS + MAX_WAITING
-
-
-def first_event_line(response: httpx.Response) -> Iterator[str]:
-    """Read the stream's first event; the returned iterator keeps the connection open."""
-    lines = response.iter_lines()
-    assert next(line for line in lines if line.startswith("data: ")) != "data: [DONE]"
-    return lines
 
 
 def completion(**overrides) -> dict:

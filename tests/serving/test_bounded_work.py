@@ -250,16 +250,27 @@ def test_a_hung_worker_makes_health_503_not_requests_slow(tiny_checkpoint):
 
 
 def test_a_worker_failure_in_a_replica_is_a_503():
-    from ray.exceptions import RayTaskError
+    """A replica sends its shard workers' or engine's death back as a 503 (data, so the
+    ingress never unpickles an engine type); a bug in its code is a 500, a bad input a 400.
+    A replica that died or cannot be reached is a 503 at the ingress."""
+    from ray.exceptions import RayActorError, RayTaskError
 
+    from ernie_cluster.engine.async_engine import EngineDeadError
     from ernie_cluster.executor.ray_executor import WorkerDiedError
     from ernie_cluster.serving.errors import EngineUnavailableError
-    from ernie_cluster.serving.ray_serve.deployments import replica_failure
+    from ernie_cluster.serving.ray_serve.ingress import replica_failure
+    from ernie_cluster.serving.ray_serve.model_server import remote_error
 
-    died = RayTaskError("generate", "traceback", WorkerDiedError("rank 1 is gone"))
-    assert isinstance(replica_failure(died), EngineUnavailableError)
-    bug = RayTaskError("generate", "traceback", KeyError("x"))
-    assert replica_failure(bug).status_code == 500
+    for failure in (WorkerDiedError("rank 1 is gone"), EngineDeadError("engine step failed")):
+        error = remote_error(failure).to_exception()
+        assert isinstance(error, EngineUnavailableError)
+        assert str(failure) in error.message
+    bug = remote_error(KeyError("x")).to_exception()
+    assert bug.status_code == 500 and "KeyError" in bug.message
+    assert remote_error(ValueError("n must be >= 1")).to_exception().status_code == 400
+    crashed = RayTaskError("generate", "traceback", KeyError("x"))
+    assert replica_failure(crashed).status_code == 500
+    assert isinstance(replica_failure(RayActorError()), EngineUnavailableError)
 
 
 # ------------------------------------------------------------------------ 8. header bytes

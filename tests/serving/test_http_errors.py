@@ -66,7 +66,7 @@ def completion(**fields) -> dict:
         ("/v1/chat/completions", chat(n=0), "n"),
         ("/v1/completions", completion(n=0), "n"),
         ("/v1/chat/completions", chat(max_tokens=0), "max_tokens"),
-        ("/v1/completions", completion(max_tokens=0), "max_tokens"),
+        ("/v1/completions", completion(max_tokens=-1), "max_tokens"),
         (
             "/v1/chat/completions",
             chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {"name": "x"}}),

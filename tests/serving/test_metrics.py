@@ -16,8 +16,8 @@ from http_fixtures import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from ernie_cluster.serving.api import OpenAIServing
-from ernie_cluster.serving.engine_client import LocalEngineClient
 from ernie_cluster.serving.http_app import build_http_app
+from ernie_cluster.serving.local_engine_client import LocalEngineClient
 
 API_KEY = "sk-metrics-test"
 

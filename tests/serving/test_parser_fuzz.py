@@ -7,6 +7,7 @@ it checks the streaming state machine's rules, not only that its chunking is con
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from test_parsers import (
@@ -18,7 +19,7 @@ from test_parsers import (
 )
 
 from ernie_cluster.serving.parsers import ParsedMessage, ToolCall
-from ernie_cluster.serving.parsers.tool_call import decode_tool_call
+from ernie_cluster.serving.parsers.tool_call import decode_cut_tool_call, decode_tool_call
 
 PIECES = [
     "<think>", "</think>", "<response>", "</response>", "<tool_call>", "</tool_call>",
@@ -27,6 +28,7 @@ PIECES = [
     "a", "Paris", "北京", "🌤️",
     '{"name": "f", "arguments": {"x": 1}}', '{"name": "g", "arguments": "{\\"y\\": \\"是\\"}"}',
     '{"name": "h"}', '{"arguments": {}}', '{"name": "f", "arguments": {"x": ', "{", "}",
+    '{"name": "f", "arguments": {"s": "a</tool_call>b"}}', '"', '\\"',
     # Whole blocks, so that well-formed calls and responses are common too.
     "\n</think>\n\n", "\n</think>\n\n\n", WEATHER_CALL, WEATHER_CALL.strip(),
     '<tool_call>{"name": "k", "arguments": "{}"}</tool_call>', "<response>\nok\n</response>\n",
@@ -65,6 +67,9 @@ def reference(text: str, reasoning: bool, tools: bool) -> ParsedMessage:
         close = "</response>" if tag == "<response>" else "</tool_call>"
         body_start = start + len(tag)
         end = text.find(close, body_start)
+        if tag == "<tool_call>" and text[body_start:].lstrip().startswith("{"):
+            while end >= 0 and in_json_string(text[body_start:end]):
+                end = text.find(close, end + 1)  # a `</tool_call>` inside a string argument
         body = text[body_start:] if end < 0 else text[body_start:end]
         pos = len(text) if end < 0 else end + len(close)
         if tag == "<response>":
@@ -74,7 +79,15 @@ def reference(text: str, reasoning: bool, tools: bool) -> ParsedMessage:
             chars += [(c, True) for c in body]
             closed = closed or end >= 0
             continue
-        decoded = None if end < 0 else decode_tool_call(body)
+        if end < 0:  # cut off: the call so far; a body that is no call object stays content
+            n = next((n for n in range(len(close) - 1, 0, -1) if body.endswith(close[:n])), 0)
+            cut = decode_cut_tool_call(body[: len(body) - n])
+            if cut is None:
+                chars += loose(text[start:pos])
+            elif cut[0] is not None:
+                calls.append(call(len(calls), *cut))
+            continue
+        decoded = decode_tool_call(body)
         if decoded is None:
             chars += loose(text[start:pos])
         else:
@@ -85,6 +98,11 @@ def reference(text: str, reasoning: bool, tools: bool) -> ParsedMessage:
         chars.pop()
     content = "".join(c for c, _ in chars)
     return ParsedMessage(reasoning_content=thought, content=content or None, tool_calls=calls)
+
+
+def in_json_string(prefix: str) -> bool:
+    """Whether the JSON text `prefix` ends inside a string."""
+    return '"' in re.sub(r'"(?:[^"\\]|\\.)*"', "", prefix)  # a quote left unclosed
 
 
 def tag_soup(rng: random.Random) -> str:

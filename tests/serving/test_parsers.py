@@ -227,16 +227,35 @@ CASES = {
     "cut_off_in_response_close": Case(
         "Easy.\n</think>\n\n<response>\nParis.\n</respo", "Easy.", "Paris.\n</respo"
     ),
+    # A call cut off (max_tokens) is reported as OpenAI does: the call, arguments so far.
     "cut_off_in_tool_call": Case(
         f'{THINK_WEATHER}\n</think>\n\n\n<tool_call>\n{{"name": "get_weather", "argu',
         THINK_WEATHER,
-        '<tool_call>\n{"name": "get_weather", "argu',
+        None,
+        [call(0, "get_weather", "")],
+    ),
+    "cut_off_in_arguments": Case(
+        f'{THINK_WEATHER}\n</think>\n\n\n<tool_call>\n{{"name": "get_weather", '
+        '"arguments": {"city": "北',
+        THINK_WEATHER,
+        None,
+        [call(0, "get_weather", '{"city": "北')],
     ),
     "cut_off_after_first_call": Case(
         f'{THINK_WEATHER}\n</think>\n\n\n{WEATHER_CALL}<tool_call>\n{{"name": ',
         THINK_WEATHER,
-        '<tool_call>\n{"name":',
+        None,
         [call(0, "get_weather", '{"city": "北京"}')],
+    ),
+    "close_tag_inside_a_string_argument": Case(
+        'x\n</think>\n\n\n<tool_call>\n{"name": "f", "arguments": {"s": "a</tool_call>"}}\n'
+        "</tool_call>\n",
+        "x",
+        None,
+        [call(0, "f", '{"s": "a</tool_call>"}')],
+    ),
+    "cut_off_in_text_after_tool_call_tag": Case(
+        "x\n</think>\n\n<tool_call>\nnot a call", "x", "<tool_call>\nnot a call"
     ),
 }
 

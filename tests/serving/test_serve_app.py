@@ -202,7 +202,7 @@ def test_health_and_requests_are_503_while_no_replica_can_be_placed(server, tiny
 
     from ernie_cluster.serving.ray_serve.builder import build_app
     from ernie_cluster.serving.ray_serve.config import ServeAppConfig
-    from ernie_cluster.serving.ray_serve.deployments import HEALTH_TIMEOUT_S, ROUTE_TIMEOUT_S
+    from ernie_cluster.serving.ray_serve.ingress import HEALTH_TIMEOUT_S, ROUTE_TIMEOUT_S
 
     config = ServeAppConfig(
         model=str(tiny_checkpoint),

@@ -77,7 +77,7 @@ async def read_stream(http: httpx.AsyncClient, started: asyncio.Event) -> Stream
 
 
 async def run_chaos(server: str, handle) -> dict[str, float]:
-    from ernie_cluster.serving.ray_serve.deployments import ROUTE_TIMEOUT_S
+    from ernie_cluster.serving.ray_serve.ingress import ROUTE_TIMEOUT_S
 
     async with httpx.AsyncClient(base_url=server, timeout=120) as http:
         deadline = time.monotonic() + 120

@@ -88,7 +88,7 @@ def test_initial_replicas_outside_bounds_rejected(initial):
 def test_model_replicas_drain_long_generations_on_scale_down():
     from ray import serve
 
-    from ernie_cluster.serving.ray_serve.deployments import LLMServer
+    from ernie_cluster.serving.ray_serve.model_server import LLMServer
 
     default = llm_server_options(ServeAppConfig())
     assert default["graceful_shutdown_timeout_s"] == 300.0  # Ray's own 20 s cuts streams off

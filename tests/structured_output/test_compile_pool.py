@@ -16,13 +16,14 @@ from ernie_cluster.config.engine_config import EngineConfig
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.engine.async_engine import AsyncLLMEngine
 from ernie_cluster.engine.llm_engine import BatchFailedError
+from ernie_cluster.sampling_params import StructuredOutputsParams
 from ernie_cluster.structured_output.compiler import (
     CompileLimits,
     GrammarBusyError,
     GrammarCompiler,
     GrammarTimeoutError,
 )
-from ernie_cluster.structured_output.params import GrammarSpec, StructuredOutputsParams
+from ernie_cluster.structured_output.params import GrammarSpec
 from ernie_cluster.tokenizer import load_tokenizer
 
 PROMPT = "Answer with one of the allowed values."

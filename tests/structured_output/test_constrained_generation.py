@@ -13,8 +13,7 @@ import jsonschema
 import pytest
 from constraint_schemas import SCHEMAS
 
-from ernie_cluster import LLM, SamplingParams
-from ernie_cluster.structured_output.params import StructuredOutputsParams
+from ernie_cluster import LLM, SamplingParams, StructuredOutputsParams
 
 # NOTE: long enough for two full KV blocks, so repeats hit the prefix cache.
 PROMPT = "Reply with one JSON value that matches the schema you were given, and nothing else."

@@ -9,10 +9,11 @@ import pytest
 import xgrammar
 from xgrammar.testing import _is_grammar_accept_string as accepts
 
-from ernie_cluster.inputs.errors import InputError
+from ernie_cluster.sampling_params import StructuredOutputsParams
 from ernie_cluster.serving.parsers import ErnieX1Parser
 from ernie_cluster.structured_output.formats import (
     MAX_SCHEMA_DEPTH,
+    FormatError,
     choice_format,
     forced_tool_calls,
     grammar_format,
@@ -24,7 +25,7 @@ from ernie_cluster.structured_output.formats import (
     structural_tag_format,
     tool_call_tag,
 )
-from ernie_cluster.structured_output.params import GrammarSpec, StructuredOutputsParams
+from ernie_cluster.structured_output.params import GrammarSpec
 
 
 def grammar(fmt) -> xgrammar.Grammar:
@@ -37,6 +38,7 @@ def grammar(fmt) -> xgrammar.Grammar:
         (json_schema_format, {"type": "foo"}, "not a valid JSON schema"),
         (json_schema_format, "{not json", "not valid JSON"),
         (json_schema_format, {"not": {"type": "string"}}, "keyword 'not'"),
+        (json_schema_format, {"type": "array", "uniqueItems": True}, "keyword 'uniqueItems'"),
         (json_schema_format, {"$ref": "#/$defs/missing"}, "not supported"),
         (json_schema_format, [1, 2], "must be a JSON schema object"),
         (regex_format, "[a-", "not supported: Regex parsing error"),
@@ -49,7 +51,7 @@ def grammar(fmt) -> xgrammar.Grammar:
     ],
 )
 def test_bad_specs_name_the_field(build, value, message):
-    with pytest.raises(InputError, match=message) as info:
+    with pytest.raises(FormatError, match=message) as info:
         build(value, "guided_thing")
     assert info.value.param == "guided_thing"
     assert "/project/cpp" not in str(info.value)  # xgrammar's source location is stripped
@@ -59,7 +61,7 @@ def test_deep_schema_is_refused_without_recursion_error():
     schema: dict = {"type": "integer"}
     for _ in range(900):
         schema = {"type": "array", "items": schema}
-    with pytest.raises(InputError, match=f"deeper than {MAX_SCHEMA_DEPTH}"):
+    with pytest.raises(FormatError, match=f"deeper than {MAX_SCHEMA_DEPTH}"):
         json_schema_format(schema, "response_format.json_schema.schema")
 
 
@@ -127,3 +129,8 @@ def test_optional_tool_calls_leave_text_free():
     assert accepts(g, "any text at all")
     assert accepts(g, "let me look " + call + "done")
     assert not accepts(g, '<tool_call>\n{"name": "other", "arguments": {}}\n</tool_call>\n')
+
+
+def test_unique_items_false_asks_for_nothing_and_is_accepted():
+    schema = {"type": "array", "items": {"type": "integer"}, "uniqueItems": False}
+    assert json_schema_format(schema, "response_format")

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ernie_cluster.checkpoints.tiny_tokenizer import write_tokenizer_files
 from ernie_cluster.tokenizer import Tokenizer
+from ernie_cluster_tools.fixtures.tiny_tokenizer import write_tokenizer_files
 
 # shared/ sits beside the repository (the clone) in CI and at /work/shared locally.
 REFERENCE_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "reference"

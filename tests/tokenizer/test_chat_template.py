@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from ernie_cluster.checkpoints.tiny_tokenizer import CHAT_TEMPLATE_FILE
 from ernie_cluster.tokenizer import ChatTemplateError, Tokenizer, render_chat_template
+from ernie_cluster_tools.fixtures.tiny_tokenizer import CHAT_TEMPLATE_FILE
 
 WEATHER_TOOL = {
     "type": "function",

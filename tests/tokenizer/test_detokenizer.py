@@ -8,9 +8,9 @@ import pytest
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, pre_tokenizers
 
-from ernie_cluster.checkpoints.tiny_tokenizer import build_tiny_tokenizer
 from ernie_cluster.tokenizer import IncrementalDetokenizer, Tokenizer
 from ernie_cluster.tokenizer.detokenizer import MAX_HELD_BYTE_RUN
+from ernie_cluster_tools.fixtures.tiny_tokenizer import build_tiny_tokenizer
 
 TEXTS = [
     "你好，世界！今天北京的天气怎么样？",

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ernie_cluster.checkpoints.tiny_tokenizer import (
+from ernie_cluster_tools.fixtures.tiny_tokenizer import (
     CHAT_TEMPLATE_FILE,
     CONTROL_TOKENS,
     build_tiny_tokenizer,
@@ -38,7 +38,7 @@ def test_files_identical_across_processes(tiny_tokenizer_dir: Path, tmp_path: Pa
     # Hash seeds and thread counts differ between processes; the files must not.
     script = (
         "import sys; from pathlib import Path; "
-        "from ernie_cluster.checkpoints.tiny_tokenizer import write_tokenizer_files; "
+        "from ernie_cluster_tools.fixtures.tiny_tokenizer import write_tokenizer_files; "
         "write_tokenizer_files(Path(sys.argv[1]), 512)"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "RAYON_NUM_THREADS": "1"}

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from ernie_cluster.checkpoints.tiny_tokenizer import (
+from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
+from ernie_cluster_tools.fixtures.tiny_tokenizer import (
     BYTE_TOKENS,
     CONTROL_TOKENS,
     build_tiny_tokenizer,
 )
-from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
 
 SAMPLES = [
     "Hello world",

@@ -163,7 +163,7 @@ def _rank_main(rank: int, world: int, port: int, checkpoint: str, out_dir: str, 
 def _replay_at_w2(tmp_path, tmp_path_factory, cuda: bool) -> None:
     from rank_helpers import spawn_ranks
 
-    from ernie_cluster.checkpoints.make_tiny import make_tiny_checkpoint
+    from ernie_cluster_tools.fixtures.make_tiny import make_tiny_checkpoint
 
     checkpoint = make_tiny_checkpoint(tmp_path_factory.mktemp("w2"), preset="tiny", seed=5)
     spawn_ranks(_rank_main, 2, (str(checkpoint), str(tmp_path), cuda), timeout_s=400)

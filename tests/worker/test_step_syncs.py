@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from ernie_cluster.config.engine_config import EngineConfig
-from ernie_cluster.diagnostics import SyncRecorder
 from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.sampling_params import SamplingParams
 from ernie_cluster.step_io import (
@@ -18,6 +17,7 @@ from ernie_cluster.step_io import (
     SchedulerOutput,
 )
 from ernie_cluster.worker.model_runner import ModelRunner
+from ernie_cluster_tools.diagnostics import SyncRecorder
 
 BLOCK_SIZE = 4
 

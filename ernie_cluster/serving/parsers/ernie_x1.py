@@ -18,7 +18,12 @@ from ernie_cluster.serving.parsers.messages import (
     ToolCallDelta,
 )
 from ernie_cluster.serving.parsers.text_stream import ContentJoiner, held_suffix_len
-from ernie_cluster.serving.parsers.tool_call import decode_tool_call, new_tool_call_id
+from ernie_cluster.serving.parsers.tool_call import (
+    decode_cut_tool_call,
+    decode_tool_call,
+    find_call_end,
+    new_tool_call_id,
+)
 
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
@@ -45,7 +50,8 @@ class ErnieX1Parser:
     `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` blocks after `</think>`.
     With `reasoning` off the whole text is answer; with `tools` off tool blocks stay content.
     Once a `<response>` block has closed, loose text after it is not content (the answer is
-    the block's body, as FastDeploy and vLLM return it); later blocks still count.
+    the block's body, as FastDeploy and vLLM return it); later blocks still count. A call the
+    output ends inside (max_tokens) is still a call, its arguments as far as generated.
     A parser serves one output: stream it with feed() then finish(), or call parse().
     """
 
@@ -113,8 +119,7 @@ class ErnieX1Parser:
         elif section is _Section.RESPONSE:
             self._emit_verbatim(rest)
         elif section is _Section.TOOL_CALL:
-            # NOTE: cut off inside a call (max_tokens): the partial call is not a call.
-            self._emit_loose(TOOL_CALL_OPEN + rest)
+            self._finish_cut_call(rest)
         return self._take()
 
     # ------------------------------------------------------------------ state machine
@@ -196,7 +201,7 @@ class ErnieX1Parser:
 
     def _advance_tool_call(self) -> bool:
         # The call's body stays buffered; only the new tail is searched for the closing tag.
-        end = self._buffer.find(TOOL_CALL_CLOSE, self._tool_scan_from)
+        end = find_call_end(self._buffer, TOOL_CALL_CLOSE, self._tool_scan_from)
         if end < 0:
             self._tool_scan_from = max(0, len(self._buffer) - len(TOOL_CALL_CLOSE) + 1)
             return False
@@ -208,7 +213,10 @@ class ErnieX1Parser:
         if decoded is None:
             self._emit_loose(TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE)
             return True
-        name, arguments = decoded
+        self._add_tool_call(*decoded)
+        return True
+
+    def _add_tool_call(self, name: str, arguments: str) -> None:
         call = ToolCall(id=self._id_factory(), name=name, arguments=arguments)
         self._tool_calls_out.append(
             ToolCallDelta(
@@ -216,7 +224,21 @@ class ErnieX1Parser:
             )
         )
         self._tool_calls.append(call)
-        return True
+
+    def _finish_cut_call(self, body: str) -> None:
+        """The output ended inside a call (max_tokens): reported as OpenAI does, a call with
+        its arguments as far as generated (finish_reason stays "length").
+
+        NOTE: the same for forced, strict and free calls: a grammar makes every forced or strict
+        call start `{"name": ..., "arguments": `, and a free one that starts so is a call the
+        model began as well. A call cut before its name is whole reports nothing; a body that
+        is not a call object stays content, as a whole undecodable block does.
+        """
+        cut = decode_cut_tool_call(body[: len(body) - held_suffix_len(body, (TOOL_CALL_CLOSE,))])
+        if cut is None:
+            self._emit_loose(TOOL_CALL_OPEN + body)
+        elif cut[0] is not None:
+            self._add_tool_call(*cut)
 
     def _release(self, *tags: str) -> str:
         """Take the buffer except a tail that may still become one of `tags`."""

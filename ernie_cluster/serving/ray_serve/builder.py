@@ -15,7 +15,8 @@ from ray import serve
 from ray.serve.config import RequestRouterConfig
 
 from ernie_cluster.serving.ray_serve.config import ServeAppConfig
-from ernie_cluster.serving.ray_serve.deployments import LLMServer, OpenAIIngress, OpenAIServer
+from ernie_cluster.serving.ray_serve.ingress import OpenAIIngress
+from ernie_cluster.serving.ray_serve.model_server import LLMServer, OpenAIServer
 from ernie_cluster.serving.ray_serve.router import SessionAffinityRouter
 
 

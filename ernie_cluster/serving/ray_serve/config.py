@@ -1,5 +1,7 @@
 """ServeAppConfig: the one configuration model of a deployment (CLI flags, `serve run`
-YAML args and the Helm chart's serveConfigV2 all load through it).
+YAML args and the Helm chart's serveConfigV2 all load through it). The engine settings are
+inherited from `EngineSettings`; the serving ones are declared here, and `serve`'s flags are
+made from both (cli/serve.py).
 
 The API key may come from the config (`api_key`), a file (`api_key_file`) or the
 ERNIE_CLUSTER_API_KEY environment variable (how the Helm chart passes a Kubernetes Secret);
@@ -15,19 +17,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ernie_cluster.config.engine_config import EngineConfig
+from ernie_cluster.checkpoints.demo import DEMO_SERVED_NAME
+from ernie_cluster.config.engine_config import EngineConfig, EngineSettings
 from ernie_cluster.serving.limits import RequestLimits
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
 from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "ERNIE_CLUSTER_API_KEY"
-GRAMMAR_FIELDS = [
-    "grammar_compile_threads",
-    "grammar_compile_timeout_s",
-    "grammar_max_pending_compiles",
-    "grammar_cache_bytes",
-]
-"""Engine settings of structured outputs, declared once below (CLI flags come from them)."""
+REPLICAS_GROUP = {"group": "replicas (Ray Serve)"}
+"""CLI help group of the replica settings (see cli/model_args)."""
 
 
 def read_api_key_file(path: str | Path) -> str:
@@ -88,82 +86,40 @@ class AutoscalingConfig(BaseModel):
         return self
 
 
-class ServeAppConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+class ServeAppConfig(EngineSettings):
+    """The engine settings (declared once in `EngineSettings`, inherited) and the serving ones."""
 
-    model: str | None = Field(
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), frozen=False)
+
+    served_model_name: list[str] | None = Field(
+        None, description="model names clients send as `model` (unset: the model)"
+    )
+    reasoning_parser: str | None = Field(
         None,
-        description="Checkpoint directory or Hugging Face repo id "
-        "(None: the built-in demo checkpoint)",
+        description="split reasoning_content from content",
+        json_schema_extra={"choices": sorted(REASONING_PARSERS)},
     )
-    revision: str | None = Field(None, description="Hub revision")
-    served_model_name: list[str] | None = Field(None, description="Names clients use as `model`")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: str = Field("cpu", description="'cuda' on GPU nodes")
-    tensor_parallel_size: int = Field(1, ge=1)
-    expert_parallel_size: int | None = Field(
-        None, ge=1, description="Default: tensor_parallel_size"
+    tool_call_parser: str | None = Field(
+        None,
+        description="parse <tool_call> blocks into tool_calls",
+        json_schema_extra={"choices": sorted(TOOL_PARSERS)},
     )
-    max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int = Field(32, ge=1)
-    max_num_batched_tokens: int = Field(2048, ge=1)
-    block_size: int = Field(16, ge=1)
-    num_kv_blocks: int | None = Field(None, ge=1)
-    kv_cache_memory_bytes: int | None = Field(None, ge=1)
-    enable_prefix_caching: bool = True
-    kv_offload_gb: float = Field(
-        0.0,
-        ge=0,
-        description="Host KV tier per rank in GiB (0: off): evicted prefixes come back by copy; "
-        "count it in the pod's memory request",
-    )
-    gpu_memory_utilization: float = Field(
-        0.9,
-        gt=0,
-        le=1,
-        description="Fraction of each GPU's memory for weights, activations and KV cache",
-    )
-    attention_backend: Literal["auto", "triton", "torch"] = Field(
-        "auto", description="Paged attention kernels ('auto': triton on CUDA, else torch)"
-    )
-    enforce_eager: bool = Field(False, description="No CUDA-graph capture of decode steps")
-    grammar_compile_threads: int = Field(
-        EngineConfig.grammar_compile_threads,
-        ge=1,
-        description="output-constraint (grammar) compiles that run at once, one thread each",
-    )
-    grammar_compile_timeout_s: float = Field(
-        EngineConfig.grammar_compile_timeout_s,
-        gt=0,
-        allow_inf_nan=False,
-        description="longest a request waits for its grammar (400 when the compile itself "
-        "takes longer, 503 when it could not start in time)",
-    )
-    grammar_max_pending_compiles: int = Field(
-        EngineConfig.grammar_max_pending_compiles,
-        ge=1,
-        description="compiles waiting for a thread; a new grammar beyond them gets 503",
-    )
-    grammar_cache_bytes: int = Field(
-        EngineConfig.grammar_cache_bytes,
-        ge=0,
-        description="byte budget of the compiled-grammar cache (LRU)",
-    )
-    reasoning_parser: str | None = None
-    tool_call_parser: str | None = None
     api_key: str | None = Field(
         None,
-        description="Bearer token required on /v1 routes (prefer api_key_file or the "
-        f"{API_KEY_ENV} environment variable: a key in a config or command line leaks)",
+        description="require 'Authorization: Bearer KEY' on the /v1 routes (a key in a config "
+        f"or command line leaks, e.g. in `ps`: prefer api_key_file or the {API_KEY_ENV} "
+        "environment variable)",
     )
     api_key_file: str | None = Field(
-        None, description="File holding the API key (read where the app is built)"
+        None, description="read the API key from this file (one line), where the app is built"
     )
     api_key_all_routes: bool = Field(
-        False, description="The API key guards /metrics and the API docs too (not /health)"
+        False,
+        description="require the key on /metrics, /docs, /redoc and /openapi.json too (off: "
+        "those and /health are open; /health always is)",
     )
     max_waiting_requests: int | None = Field(
-        None, ge=1, description="Reject with 503 + Retry-After when this many requests wait"
+        None, ge=1, description="503 + Retry-After once this many requests wait in a replica"
     )
     max_request_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, ge=1024)
     limits: RequestLimits = Field(
@@ -172,21 +128,25 @@ class ServeAppConfig(BaseModel):
         "sequences, header bytes, priority policy); worded 400s beyond them",
     )
     num_replicas: int | None = Field(
-        None, ge=1, description="Fixed replica count (exclusive with autoscaling)"
+        None,
+        ge=1,
+        description="fixed model replicas (exclusive with autoscaling)",
+        json_schema_extra=REPLICAS_GROUP,
     )
     autoscaling: AutoscalingConfig | None = None
     graceful_shutdown_timeout_s: float = Field(
         300.0,
         ge=0,
-        description="How long a model replica being removed (scale-down, redeploy) may keep "
+        description="seconds a model replica being removed (scale-down, redeploy) may keep "
         "finishing its requests before Serve kills it; Ray's own default (20 s) would cut off "
         "long generations",
+        json_schema_extra=REPLICAS_GROUP,
     )
     ingress_replicas: int = Field(1, ge=1)
     single_hop: bool = Field(
         False,
-        description="Run the HTTP app inside the model replicas (one Serve hop, lower latency) "
-        "instead of a separate ingress deployment; replicas are then chosen by load only "
+        description="run the HTTP app inside the model replicas: one Serve hop (lower latency) "
+        "instead of a separate ingress deployment, but replicas are then chosen by load only "
         "(no session affinity)",
     )
     placement_strategy: Literal["STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD"] = "STRICT_PACK"
@@ -200,12 +160,6 @@ class ServeAppConfig(BaseModel):
             raise ValueError("set either api_key or api_key_file, not both")
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("api_key is empty; leave it unset to serve without a key")
-        ep = self.expert_parallel_size or self.tensor_parallel_size
-        if ep != self.tensor_parallel_size:
-            raise ValueError(
-                f"expert_parallel_size ({ep}) must equal tensor_parallel_size "
-                f"({self.tensor_parallel_size}) for now"
-            )
         for name, value, valid in (
             ("reasoning_parser", self.reasoning_parser, REASONING_PARSERS),
             ("tool_call_parser", self.tool_call_parser, TOOL_PARSERS),
@@ -224,25 +178,11 @@ class ServeAppConfig(BaseModel):
             key = os.environ.get(API_KEY_ENV, "").strip() or None
         return self.model_copy(update={"api_key": key, "api_key_file": None})
 
+    def served_model_names(self) -> list[str]:
+        """Names clients use as `model`: `served_model_name`, else the model path or id, else
+        the demo checkpoint's name."""
+        return self.served_model_name or [self.model or DEMO_SERVED_NAME]
+
     def engine_config(self, model_path: str) -> EngineConfig:
-        return EngineConfig(
-            model=model_path,
-            revision=self.revision,
-            dtype=self.dtype,
-            device=self.device,
-            tensor_parallel_size=self.tensor_parallel_size,
-            expert_parallel_size=self.expert_parallel_size or self.tensor_parallel_size,
-            max_model_len=self.max_model_len,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            block_size=self.block_size,
-            num_kv_blocks=self.num_kv_blocks,
-            kv_cache_memory_bytes=self.kv_cache_memory_bytes,
-            enable_prefix_caching=self.enable_prefix_caching,
-            kv_offload_gb=self.kv_offload_gb,
-            gpu_memory_utilization=self.gpu_memory_utilization,
-            attention_backend=self.attention_backend,
-            enforce_eager=self.enforce_eager,
-            **self.model_dump(include=set(GRAMMAR_FIELDS)),
-            show_progress=False,
-        )
+        """The engine of one model replica: these settings, the model resolved to a path."""
+        return EngineConfig(**{**self.engine_settings(), "model": model_path}, show_progress=False)
