@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ernie_cluster.serving.errors import BadRequestError
 
+DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
+"""Largest request body the HTTP gate reads (16 MiB; `max_request_body_bytes` changes it)."""
+
 
 class RequestLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")

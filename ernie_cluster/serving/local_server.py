@@ -20,9 +20,9 @@ from ernie_cluster.engine.llm_engine import LLMEngine
 from ernie_cluster.serving.api import OpenAIServing
 from ernie_cluster.serving.errors import HeadersTooLargeError
 from ernie_cluster.serving.http_app import build_http_app
-from ernie_cluster.serving.limits import RequestLimits
+from ernie_cluster.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from ernie_cluster.serving.local_engine_client import LocalEngineClient
-from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES, ServingSettings
+from ernie_cluster.serving.settings import ServingSettings
 
 HEADER_TIMEOUT_S = 15.0
 """Longest a connection may take to send a request's line and headers."""

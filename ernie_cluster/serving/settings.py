@@ -11,11 +11,9 @@ from pathlib import Path
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.inputs.model_facts import ModelFacts
 from ernie_cluster.inputs.processor import InputProcessor
-from ernie_cluster.serving.limits import RequestLimits
+from ernie_cluster.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
 from ernie_cluster.tokenizer import Tokenizer, load_tokenizer
-
-DEFAULT_MAX_BODY_BYTES = 16 * 1024 * 1024
 
 
 @dataclass

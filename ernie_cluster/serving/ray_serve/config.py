@@ -19,9 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from ernie_cluster.checkpoints.demo import DEMO_SERVED_NAME
 from ernie_cluster.config.engine_config import EngineConfig, EngineSettings
-from ernie_cluster.serving.limits import RequestLimits
+from ernie_cluster.serving.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from ernie_cluster.serving.parsers import REASONING_PARSERS, TOOL_PARSERS
-from ernie_cluster.serving.settings import DEFAULT_MAX_BODY_BYTES
 
 API_KEY_ENV = "ERNIE_CLUSTER_API_KEY"
 REPLICAS_GROUP = {"group": "replicas (Ray Serve)"}
