@@ -35,6 +35,13 @@ class OpenAIServing:
                 code="model_not_found",
             )
 
+    def served_model(self, name: str | None) -> str:
+        """`name` when this server serves it (404 otherwise); None: the first served name."""
+        if name is None:
+            return self.settings.served_model_names[0]
+        self.check_model(name)
+        return name
+
     def models(self) -> ModelList:
         return ModelList(data=[self.model(name) for name in self.settings.served_model_names])
 

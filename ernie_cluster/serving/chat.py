@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.outputs import CompletionOutput, RequestOutput, accumulate
+from ernie_cluster.serving.chat_prompt_logprobs import prompt_logprobs_of, with_first
 from ernie_cluster.serving.constraints import chat_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
@@ -171,6 +172,7 @@ class ChatHandler:
                 skip_special_tokens=False if use_parser else request.skip_special_tokens,
                 constraint=constraint,
             )
+            params.prompt_logprobs = request.prompt_logprobs
             engine_request = processor.process(
                 request_id,
                 token_ids,
@@ -241,10 +243,12 @@ class ChatHandler:
     ) -> ChatCompletionResponse:
         samples: dict[int, CompletionOutput] = {}
         cached = 0
+        prompt_logprobs = None
         async for output in outputs:
             tracker.on_output(output)
             cached = output.num_cached_tokens
             accumulate(samples, output)
+            prompt_logprobs = prompt_logprobs or self._prompt_logprobs(request, plan, output)
         choices = [samples[i] for i in sorted(samples)]
         result = []
         for index, state in enumerate(choices):
@@ -301,7 +305,12 @@ class ChatHandler:
                 self._reasoning_tokens([c.token_ids for c in choices]),
             ),
             system_fingerprint=self.settings.system_fingerprint,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _prompt_logprobs(self, request, plan: ChatPlan, output: RequestOutput | None):
+        tokenizer = self.settings.tokenizer
+        return prompt_logprobs_of(tokenizer, request, plan.prompt_token_ids, output)
 
     def _reasoning_tokens(self, outputs: list[list[int]]) -> int | None:
         if self.settings.reasoning_parser is None:
@@ -323,7 +332,7 @@ class ChatHandler:
         cached = 0
         error: BaseException | None = None
 
-        def chunk(choice_list, usage_value=None) -> str:
+        def chunk(choice_list, usage_value=None, prompt_logprobs=None) -> str:
             return sse(
                 ChatCompletionChunk(
                     id=request_id,
@@ -332,15 +341,20 @@ class ChatHandler:
                     choices=choice_list,
                     usage=usage_value,
                     system_fingerprint=self.settings.system_fingerprint,
+                    prompt_logprobs=prompt_logprobs,
                 )
             )
 
         try:
+            # NOTE: `peeked` already holds the first output: reading it here costs no wait.
+            first = await anext(outputs, None)
+            prompt_logprobs = self._prompt_logprobs(request, plan, first)
             for index in range(plan.num_choices):
                 yield chunk(
-                    [ChatChunkChoice(index=index, delta=DeltaOut(role="assistant", content=""))]
+                    [ChatChunkChoice(index=index, delta=DeltaOut(role="assistant", content=""))],
+                    prompt_logprobs=None if index else prompt_logprobs,
                 )
-            async for output in outputs:
+            async for output in with_first(first, outputs):
                 tracker.on_output(output)
                 cached = output.num_cached_tokens
                 for sample in output.outputs:

@@ -20,7 +20,7 @@ from ernie_cluster.serving.constraints import request_constraint
 from ernie_cluster.serving.engine_client import EngineClient
 from ernie_cluster.serving.errors import BadRequestError, OpenAIError
 from ernie_cluster.serving.limits import check_request
-from ernie_cluster.serving.logprobs import completion_logprobs, prompt_logprobs_field
+from ernie_cluster.serving.logprobs import completion_logprobs, requested_prompt_logprobs
 from ernie_cluster.serving.metrics import ServingMetrics
 from ernie_cluster.serving.off_loop import plan_request
 from ernie_cluster.serving.protocol import (
@@ -192,10 +192,8 @@ class CompletionHandler:
         )
 
     def _prompt_logprobs(self, request: CompletionRequest, prompt_ids, prompt_entries):
-        if request.prompt_logprobs is None or prompt_entries is None:
-            return None
-        return prompt_logprobs_field(
-            self.settings.tokenizer, prompt_ids, prompt_entries, request.prompt_logprobs
+        return requested_prompt_logprobs(
+            self.settings.tokenizer, request.prompt_logprobs, prompt_ids, prompt_entries
         )
 
     async def _stream(self, request, base_id, prompts, outputs, trackers) -> AsyncIterator[str]:

@@ -110,14 +110,14 @@ def build_http_app(
     )
 
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        serving.check_model(body.model)
+        body.model = serving.served_model(body.model)
         key = session_key(request.headers.get(SESSION_HEADER), body.user, body)
         work = serving.chat.create(body, key, len(await request.body()))
         result, replica = await until_disconnected(request, work)
         return _respond(result, replica)
 
     async def completions(body: CompletionRequest, request: Request) -> Response:
-        serving.check_model(body.model)
+        body.model = serving.served_model(body.model)
         key = session_key(request.headers.get(SESSION_HEADER), body.user, body)
         work = serving.completions.create(body, key, len(await request.body()))
         result, replica = await until_disconnected(request, work)

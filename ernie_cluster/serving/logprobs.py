@@ -1,4 +1,5 @@
-"""Engine logprobs ({token_id: logprob} per generated token) in the two OpenAI shapes."""
+"""Engine logprobs ({token_id: logprob} per generated token) in the two OpenAI shapes, and
+vLLM's `prompt_logprobs` field (completions per choice, chat at the top level)."""
 
 from __future__ import annotations
 
@@ -112,3 +113,16 @@ def prompt_logprobs_field(
             )
         out.append(field)
     return out
+
+
+def requested_prompt_logprobs(
+    tokenizer: Tokenizer | None,
+    top_n: int | None,
+    token_ids: list[int],
+    entries: list[dict[int, float] | None] | None,
+) -> list[dict[int, PromptLogprob] | None] | None:
+    """The `prompt_logprobs` field of a response: None when the request did not ask (`top_n`
+    None) or the engine output holding the prompt's entries has not come."""
+    if top_n is None or entries is None:
+        return None
+    return prompt_logprobs_field(tokenizer, token_ids, entries, top_n)

@@ -127,7 +127,9 @@ class StructuredOutputsField(OpenAIModel):
 class SamplingFields(RequestBody):
     """Sampling fields shared by chat and completions."""
 
-    model: str = Field(min_length=1)
+    model: Annotated[str, Field(min_length=1)] | None = None
+    """None (absent): the first served model name, as vLLM does; model cards' curl examples
+    (ERNIE's among them) send no model."""
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: Annotated[int, Field(ge=-1)] | None = None
@@ -182,6 +184,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    """vLLM's field: each token of the rendered prompt, its logprob and its top-k, in the
+    response's top-level `prompt_logprobs` (a stream's first chunk)."""
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     include_reasoning: bool = True
@@ -255,6 +260,15 @@ class ChoiceLogprobs(OpenAIModel):
     content: list[TokenLogprob] | None = None
 
 
+class PromptLogprob(OpenAIModel):
+    """vLLM's Logprob: `rank` is the token's rank in the distribution (1: most likely), given
+    for the top-k; a prompt token outside its top-k has none."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class FunctionCallOut(OpenAIModel):
     name: str
     arguments: str
@@ -291,6 +305,8 @@ class ChatCompletionResponse(OpenAIModel):
     choices: list[ChatChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    """vLLM's field (with `prompt_logprobs` asked), one entry per rendered prompt token."""
 
 
 class FunctionCallDelta(OpenAIModel):
@@ -328,6 +344,9 @@ class ChatCompletionChunk(OpenAIModel):
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[int, PromptLogprob] | None] | None = None
+    """On a stream's first chunk only, with `prompt_logprobs` asked (vLLM refuses it with
+    `stream`; here it streams as on /v1/completions)."""
 
 
 class CompletionLogprobs(OpenAIModel):
@@ -335,15 +354,6 @@ class CompletionLogprobs(OpenAIModel):
     token_logprobs: list[float | None] = Field(default_factory=list)
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
-
-
-class PromptLogprob(OpenAIModel):
-    """vLLM's Logprob: `rank` is the token's rank in the distribution (1: most likely), given
-    for the top-k; a prompt token outside its top-k has none."""
-
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
 
 
 class CompletionChoice(OpenAIModel):

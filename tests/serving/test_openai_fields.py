@@ -191,3 +191,16 @@ def test_without_a_reasoning_parser_stop_strings_cut_the_whole_text(tiny_checkpo
     with serve_scripted_engine(tiny_checkpoint, SCRIPTS) as served:
         out = ask(served.openai(), "SCRIPT:paragraphs", max_tokens=80, stop=["\n\n"])
     assert out.choices[0].message.content == "First thought."
+
+
+def test_a_request_without_model_gets_the_first_served_model(client):
+    # Model cards' curl examples (ERNIE-4.5's function-calling one among them) send no model;
+    # vLLM then serves its first served model name, and so do we.
+    body = {"messages": [{"role": "user", "content": "SCRIPT:plain"}], "max_tokens": 40}
+    reply = client.post("/chat/completions", cast_to=dict, body=body)
+    assert reply["model"] == MODEL
+    assert reply["choices"][0]["message"]["content"] == "The answer."
+    with pytest.raises(openai.NotFoundError):
+        client.post("/chat/completions", cast_to=dict, body={**body, "model": "other"})
+    body = {"prompt": "SCRIPT:plain", "max_tokens": 3}
+    assert client.post("/completions", cast_to=dict, body=body)["model"] == MODEL

@@ -1,6 +1,7 @@
 """/v1/completions scoring a prompt, through the official openai client: `echo` + `logprobs`
 (with `max_tokens: 0` and > 0, whole and streamed), vLLM's `prompt_logprobs` field, and
-`max_tokens: 0` without echo; values exact against transformers (float32)."""
+`max_tokens: 0` without echo; values exact against transformers (float32). Its transformers
+helpers serve the chat `prompt_logprobs` tests too (test_chat_prompt_logprobs.py)."""
 
 from __future__ import annotations
 
@@ -115,24 +116,29 @@ def test_max_tokens_0_without_echo_returns_nothing(client):
     assert choice.logprobs.tokens == [] and out.usage.completion_tokens == 0
 
 
+def check_prompt_logprobs_field(served, hf, field, ids: list[int], top_n: int) -> None:
+    """vLLM's `prompt_logprobs` (JSON) over the prompt `ids`, against transformers: None first,
+    then each token's top `top_n` (ranked) and the prompt token itself."""
+    assert len(field) == len(ids) and field[0] is None
+    rows = log_softmax(hf, ids)
+    for i in range(1, len(ids)):
+        top = rows[i - 1].topk(top_n).indices.tolist()
+        entry = {int(t): v for t, v in field[i].items()}
+        assert set(entry) == set(top) | {ids[i]}, i
+        for rank, token in enumerate(top, start=1):
+            assert entry[token]["rank"] == rank
+        for token, value in entry.items():
+            assert abs(value["logprob"] - rows[i - 1, token].item()) < TOLERANCE, i
+            assert value["decoded_token"] == token_text(served.tokenizer, token)
+
+
 def test_vllm_prompt_logprobs_field(client, served, hf):
     ids = served.tokenizer.encode(PROMPT)
     out = client.completions.create(
         model="tiny", prompt=PROMPT, max_tokens=1, extra_body={"prompt_logprobs": 2}
     )
-    field = out.choices[0].prompt_logprobs
     assert out.choices[0].logprobs is None
-    assert len(field) == len(ids) and field[0] is None
-    rows = log_softmax(hf, ids)
-    for i in range(1, len(ids)):
-        top = rows[i - 1].topk(2).indices.tolist()
-        entry = {int(t): v for t, v in field[i].items()}
-        assert set(entry) == set(top) | {ids[i]}
-        for rank, token in enumerate(top, start=1):
-            assert entry[token]["rank"] == rank
-        for token, value in entry.items():
-            assert abs(value["logprob"] - rows[i - 1, token].item()) < TOLERANCE
-            assert value["decoded_token"] == token_text(served.tokenizer, token)
+    check_prompt_logprobs_field(served, hf, out.choices[0].prompt_logprobs, ids, 2)
 
 
 def test_streamed_echo_equals_the_whole_response(client):
