@@ -6,7 +6,9 @@
 # 1. kernels: the Triton kernel tests compiled and run on CUDA (attention, fused MoE, fused
 #    layers) and the sampler's sync-free test on CUDA;
 # 2. graphs: real CUDA-graph capture and replay equal eager (whole decode graphs and piecewise
-#    prefill/mixed graphs), and with 2+ GPUs the W = 2 capture/replay over NCCL;
+#    prefill/mixed graphs), and with 2+ GPUs the W = 2 capture/replay over NCCL and the ctypes
+#    NCCL communicator (distributed/nccl: equal to torch.distributed, captured all-reduce
+#    replays equal eager);
 # 3. bench_gpu.py with the Triton backend (graphs and eager decode, one prefill).
 # Each step has its own time limit; OUT_DIR gets each step's JUnit XML / JSON report and log,
 # and summary.json (per step: exit code, seconds, tests passed/failed/skipped). Exits non-zero
@@ -34,8 +36,8 @@ run_step kernels 120 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/ker
     tests/attention/test_triton_attention.py tests/model/test_fused_moe.py \
     $(ls tests/model/test_triton_layers.py 2>/dev/null) tests/sample/test_sampler_sync_free.py
 
-run_step graphs 120 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/graphs.xml" \
-    tests/worker/test_cuda_graphs.py -k "real_graphs"
+run_step graphs 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/graphs.xml" \
+    tests/worker/test_cuda_graphs.py tests/distributed/test_pynccl.py -k "real_graphs or real_nccl"
 
 run_step bench_gpu 210 "$PY" benchmarks/bench_gpu.py --backends triton --modes graphs,eager \
     --batches 1,64 --contexts 4K --mixed 63x4K+1x128K --prefill-lens 8K --prefill-repeats 1 \

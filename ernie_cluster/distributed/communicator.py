@@ -3,11 +3,14 @@
 The model calls these and nothing else of torch.distributed, so one rank (W = 1) runs the same
 code with every collective an identity. Works on NCCL (GPU) and gloo (CPU). Every split is
 even, so no collective needs sizes read back from the device. Never holds model state.
+What carries the bytes is a `Collectives`, chosen once at worker start: torch.distributed,
+or the graph-safe NCCL communicator (distributed/nccl) when W > 1 graphs are captured.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,12 +23,50 @@ _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class Communicator:
-    """Collectives of the default process group (every rank of the instance)."""
+class Collectives(Protocol):
+    """The wire under a Communicator: collectives of every rank of the instance, into buffers
+    the caller made (same dtype, contiguous, equal splits)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1) -> None:
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp) -> None: ...
+
+    def all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None: ...
+
+    def reduce_scatter(self, out: torch.Tensor, x: torch.Tensor) -> None: ...
+
+    def all_to_all(self, out: torch.Tensor, x: torch.Tensor) -> None: ...
+
+    def broadcast(self, x: torch.Tensor, src: int) -> None: ...
+
+
+class TorchCollectives:
+    """Collectives of torch.distributed's default process group (NCCL or gloo)."""
+
+    def all_reduce(self, x: torch.Tensor, op: dist.ReduceOp) -> None:
+        dist.all_reduce(x, op=op)
+
+    def all_gather(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        _all_gather_single(out, x)
+
+    def reduce_scatter(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        _reduce_scatter_single(out, x)
+
+    def all_to_all(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        dist.all_to_all_single(out, x)
+
+    def broadcast(self, x: torch.Tensor, src: int) -> None:
+        dist.broadcast(x, src=src)
+
+
+class Communicator:
+    """Collectives of every rank of the instance, over `collectives` (torch.distributed's
+    default process group unless given)."""
+
+    def __init__(
+        self, rank: int = 0, world_size: int = 1, collectives: Collectives | None = None
+    ) -> None:
         self.rank = rank
         self.world_size = world_size
+        self.collectives = collectives or TorchCollectives()
         # Bytes this rank sent to OTHER ranks, by collective, known on the host ...
         self._host_bytes: dict[str, int] = {
             "all_gather": 0,
@@ -74,7 +115,7 @@ class Communicator:
         if self.world_size == 1:
             return x
         out = x.new_empty((self.world_size * x.shape[0], *x.shape[1:]))
-        _all_gather_single(out, x.contiguous())
+        self.collectives.all_gather(out, x.contiguous())
         self._host_bytes["all_gather"] += x.numel() * x.element_size() * (self.world_size - 1)
         return out
 
@@ -83,7 +124,7 @@ class Communicator:
         if self.world_size == 1:
             return x
         out = x.new_empty((x.shape[0] // self.world_size, *x.shape[1:]))
-        _reduce_scatter_single(out, x.contiguous())
+        self.collectives.reduce_scatter(out, x.contiguous())
         self._host_bytes["reduce_scatter"] += (
             out.numel() * out.element_size() * (self.world_size - 1)
         )
@@ -93,7 +134,7 @@ class Communicator:
         """Reduce `x` across ranks in place (sum by default) and return it. Counted as a
         ring all-reduce sends: 2 (W - 1) / W of the payload (distributed/layout)."""
         if self.world_size > 1:
-            dist.all_reduce(x, op=op)
+            self.collectives.all_reduce(x, op)
             payload = x.numel() * x.element_size()
             self._host_bytes["all_reduce"] += ring_all_reduce_bytes(payload, self.world_size)
         return x
@@ -113,7 +154,7 @@ class Communicator:
         if x.shape[0] % self.world_size:
             raise ValueError(f"{x.shape[0]} rows do not split evenly over {self.world_size} ranks")
         out = torch.empty_like(x)
-        dist.all_to_all_single(out, x.contiguous())
+        self.collectives.all_to_all(out, x.contiguous())
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         remote_rows = x.shape[0] // self.world_size * (self.world_size - 1)
         self._host_bytes["all_to_all_padded"] += remote_rows * row_bytes
@@ -134,7 +175,8 @@ class Communicator:
         return counter
 
     def gather_to_first(self, x: torch.Tensor, dim: int = -1) -> torch.Tensor | None:
-        """Concatenate every rank's `x` along `dim` on rank 0 (others get None)."""
+        """Concatenate every rank's `x` along `dim` on rank 0 (others get None).
+        NOTE: always torch.distributed: it gathers logits after the forward, never captured."""
         if self.world_size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.world_size)] if self.is_first else None
@@ -143,7 +185,7 @@ class Communicator:
 
     def broadcast_from_first(self, x: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.broadcast(x, src=0)
+            self.collectives.broadcast(x, 0)
         return x
 
 

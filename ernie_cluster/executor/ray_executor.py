@@ -65,7 +65,15 @@ class RayWorkerBase:
         if device.type == "cuda":
             device = torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to our GPU
             torch.cuda.set_device(device)
-        comm = init_distributed(self.rank, self.config.world_size, init_method, device)
+        # NOTE: chosen once here: the NCCL communicator only where W > 1 graphs are captured.
+        graph_safe = self.config.multi_rank_cuda_graphs and not self.config.enforce_eager
+        comm = init_distributed(
+            self.rank,
+            self.config.world_size,
+            init_method,
+            device,
+            graph_safe_collectives=graph_safe,
+        )
         self.worker = Worker(self.config, self.model_dir, self.rank, comm, device)
         return self.worker.num_kv_blocks
 
