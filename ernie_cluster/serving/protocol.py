@@ -26,7 +26,7 @@ TokenId = StrictInt
 """A token id: an integer, never a boolean (pydantic would take `true` as 1)."""
 TOOL_NAME_PATTERN = r"^[a-zA-Z0-9_-]{1,64}$"
 """OpenAI's rule for function names: nothing a name holds can break the tool-call layout."""
-Priority = Annotated[int, Field(ge=-(2**31), le=2**31 - 1)]
+Priority = Annotated[StrictInt, Field(ge=-(2**31), le=2**31 - 1)]
 
 
 def random_id(prefix: str) -> str:
@@ -132,16 +132,16 @@ class SamplingFields(RequestBody):
     (ERNIE's among them) send no model."""
     temperature: Temperature | None = None
     top_p: TopP | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
-    n: Annotated[int, Field(ge=1, le=128)] = 1
+    n: Annotated[StrictInt, Field(ge=1, le=128)] = 1
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[TokenId, Field(ge=0)]] | None = None
-    seed: Annotated[int, Field(ge=-(2**63), le=2**64 - 1)] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), le=2**64 - 1)] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] | None = None
-    min_tokens: Annotated[int, Field(ge=0)] = 0
+    min_tokens: Annotated[StrictInt, Field(ge=0)] = 0
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -180,11 +180,11 @@ class ChatCompletionRequest(SamplingFields):
     modalities: list[str] | None = None
     audio: dict[str, Any] | None = None
     web_search_options: dict[str, Any] | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     """vLLM's field: each token of the rendered prompt, its logprob and its top-k, in the
     response's top-level `prompt_logprobs` (a stream's first chunk)."""
     chat_template_kwargs: dict[str, Any] | None = None
@@ -219,13 +219,13 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
-    max_tokens: Annotated[int, Field(ge=0)] | None = 16
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16
     """0: nothing is generated (with `echo` and `logprobs`, the prompt is scored)."""
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     echo: bool = False
     """The prompt is returned before the completion; with `logprobs`, the logprobs object
     covers the prompt tokens too (the first one's logprob is null, as OpenAI returns it)."""
-    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     """vLLM's field: each prompt token's logprob and its top-k, in `choices[i].prompt_logprobs`."""
     suffix: str | None = None
 
