@@ -140,19 +140,16 @@ class NcclCommunicator:
         )
 
     def send(self, x: torch.Tensor, peer: int, stream: torch.cuda.Stream | None = None) -> None:
-        self.library.call(
-            "ncclSend",
-            self._pointer(x, "x"),
-            x.numel(),
-            nccl_dtype(x.dtype),
-            peer,
-            self.comm,
-            self._stream(stream),
-        )
+        self._point_to_point("ncclSend", x, peer, stream)
 
     def recv(self, x: torch.Tensor, peer: int, stream: torch.cuda.Stream | None = None) -> None:
+        self._point_to_point("ncclRecv", x, peer, stream)
+
+    def _point_to_point(
+        self, function: str, x: torch.Tensor, peer: int, stream: torch.cuda.Stream | None
+    ) -> None:
         self.library.call(
-            "ncclRecv",
+            function,
             self._pointer(x, "x"),
             x.numel(),
             nccl_dtype(x.dtype),

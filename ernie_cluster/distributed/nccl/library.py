@@ -84,6 +84,17 @@ def nccl_reduce_op(op) -> int:
         raise ValueError(f"NCCL has no reduction for {op}") from None
 
 
+# send buffer, receive buffer, count, dtype, op, comm, stream (all-reduce, reduce-scatter)
+_REDUCE_ARGUMENTS = [
+    buffer_t,
+    buffer_t,
+    ctypes.c_size_t,
+    ncclDataType_t,
+    ncclRedOp_t,
+    ncclComm_t,
+    cudaStream_t,
+]
+
 # name -> (restype, argtypes), as nccl.h declares them.
 _SIGNATURES: dict[str, tuple[object, list]] = {
     "ncclGetErrorString": (ctypes.c_char_p, [ncclResult_t]),
@@ -97,15 +108,7 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     "ncclCommDestroy": (ncclResult_t, [ncclComm_t]),
     "ncclAllReduce": (
         ncclResult_t,
-        [
-            buffer_t,
-            buffer_t,
-            ctypes.c_size_t,
-            ncclDataType_t,
-            ncclRedOp_t,
-            ncclComm_t,
-            cudaStream_t,
-        ],
+        _REDUCE_ARGUMENTS,
     ),
     "ncclAllGather": (
         ncclResult_t,
@@ -113,15 +116,7 @@ _SIGNATURES: dict[str, tuple[object, list]] = {
     ),
     "ncclReduceScatter": (
         ncclResult_t,
-        [
-            buffer_t,
-            buffer_t,
-            ctypes.c_size_t,
-            ncclDataType_t,
-            ncclRedOp_t,
-            ncclComm_t,
-            cudaStream_t,
-        ],
+        _REDUCE_ARGUMENTS,
     ),
     "ncclBroadcast": (
         ncclResult_t,
