@@ -139,6 +139,12 @@ def parse_args() -> argparse.Namespace:
     parts.add_argument("--serving", action="store_true", help="the serving part")
     parts.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, in order")
     parts.add_argument("--no-check", action="store_true", help="skip the greedy token check")
+    parts.add_argument(
+        "--quantization",
+        choices=["wint8", "wint4", "fp8", "block_wise_fp8"],
+        help="quantize OUR weights (vLLM stays unquantized: where a quantized model of ours "
+        "stands against vLLM's full-precision one; greedy tokens then differ, as expected)",
+    )
 
     both = parser.add_argument_group("settings of both engines")
     both.add_argument("--preset", default="mini", help="checkpoint preset (make_tiny)")
@@ -478,6 +484,7 @@ def load_ours(args: argparse.Namespace, model: Path, dtype: str):
         kv_cache_memory_bytes=args.kv_cache_gib << 30,
         seed=args.seed,
         show_progress=False,
+        quantization=args.quantization,
     )
 
 
@@ -677,7 +684,8 @@ def server_command(args: argparse.Namespace, name: str, model: Path, dtype: str)
         env = ["env", f"OMP_NUM_THREADS={args.threads}"]
         kv = ["--num-kv-blocks", str(kv_blocks(model, dtype, args.kv_cache_gib))]
         hostport = ["--host", host, "--port", str(port)]
-        return ["setsid", *env, *base, *hostport, *common_args, *limits, *kv]
+        quantized = ["--quantization", args.quantization] if args.quantization else []
+        return ["setsid", *env, *base, *hostport, *common_args, *limits, *kv, *quantized]
 
     def vllm(host: str, port: int) -> list[str]:
         env = ["env", "-i", *(f"{k}={v}" for k, v in vllm_env(args).items())]
@@ -797,6 +805,8 @@ def main() -> None:
         f"max_num_batched_tokens {args.max_num_batched_tokens}, max_model_len "
         f"{args.max_model_len}, KV cache {args.kv_cache_gib} GiB, greedy, ignore_eos"
     )
+    if args.quantization:
+        print(f"ours: --quantization {args.quantization} (vLLM unquantized)")
     results: dict[str, Any] = {"header": header, "settings": vars(args)}
     for dtype in args.dtypes:
         if args.offline:

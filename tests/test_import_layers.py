@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("tokenizer", "sampling_params", "outputs", "step_io"),
     ("structured_output",),
     ("inputs",),
-    ("attention", "distributed"),
+    ("attention", "distributed", "quantization"),
     ("model",),
     ("loader",),
     ("sample", "worker"),

@@ -18,6 +18,9 @@ from ernie_cluster.config.model_config import ErnieMoeConfig
 
 AttentionBackend = Literal["auto", "triton", "torch"]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
+Quantization = Literal["wint8", "wint4", "fp8", "block_wise_fp8"]
+QUANTIZATION_METHODS = get_args(Quantization)
+KVCacheDtype = Literal["auto", "fp8", "fp8_e4m3"]
 GRAMMAR_GROUP = {"group": "structured outputs (grammar compiles)"}
 """CLI help group of the grammar settings (a field's `json_schema_extra`; see cli/model_args)."""
 
@@ -40,6 +43,19 @@ class EngineSettings(BaseModel):
     revision: str | None = Field(None, description="hub revision (branch, tag or commit)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weight and activation dtype ('auto': the checkpoint's)"
+    )
+    quantization: Quantization | None = Field(
+        None,
+        description="quantize the weights at load, per rank after sharding: wint8 (int8, a "
+        "scale per output channel), wint4 (int4 in groups of 128 input columns), fp8 (e4m3, a "
+        "scale per output channel), block_wise_fp8 (e4m3, a scale per 128 input columns); "
+        "experts, shared experts, dense MLP and attention projections; activations stay in "
+        "the model dtype (unset: the checkpoint's weights as they are)",
+    )
+    kv_cache_dtype: KVCacheDtype = Field(
+        "auto",
+        description="KV cache element type ('auto': the model dtype; fp8 / fp8_e4m3: e4m3 "
+        "with a per-layer scale, about twice the blocks)",
     )
     device: str = Field("cpu", description="torch device of the workers ('cuda' on GPU nodes)")
     tensor_parallel_size: int = Field(
@@ -219,9 +235,17 @@ def _worded_error(model: type[BaseModel], error: Any) -> str:
     if field is not None and kind in _BOUND_ERRORS:
         return f"{loc} must be {_bounds_text(field)}, got {shown}"
     if field is not None and kind == "literal_error":
-        return f"unknown {loc} {shown}; choose one of {list(get_args(field.annotation))}"
+        return f"unknown {loc} {shown}; choose one of {_literal_choices(field.annotation)}"
     message = error["msg"].removeprefix("Value error, ")
     return f"{loc}: {message}" if loc else message
+
+
+def _literal_choices(annotation: Any) -> list[Any]:
+    """The values of a Literal, or of the Literal inside `Literal[...] | None`."""
+    choices: list[Any] = []
+    for part in get_args(annotation):
+        choices.extend(get_args(part) if get_args(part) else [part])
+    return [choice for choice in choices if choice is not type(None)]
 
 
 _BOUND_ERRORS = (

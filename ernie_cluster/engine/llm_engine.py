@@ -76,6 +76,8 @@ class EngineStats:
     """Bytes copied between device and host, all ranks, both directions."""
     host_kv_load_wait_s: float = 0.0
     """Seconds requests waited in LOADING for their blocks to come back (sum)."""
+    weight_bytes_per_rank: int = 0
+    """Weight bytes of the fullest rank, quantized weights at their resident size."""
 
     @property
     def expert_load_imbalance(self) -> float:
@@ -129,6 +131,8 @@ class LLMEngine:
 
             executor_factory = make_executor
         self.executor: Executor = executor_factory(self.config, str(self.model_dir))
+        per_rank = self.executor.collective_rpc("resident_parameter_bytes")
+        self._weight_bytes_per_rank = max(sum(sizes.values()) for sizes in per_rank)
         num_host_blocks, self._host_block_bytes = 0, 0
         if self.config.kv_offload_enabled:
             tiers = self.executor.collective_rpc("host_kv_tier")  # [(blocks, bytes)] per rank
@@ -359,6 +363,7 @@ class LLMEngine:
             num_generated_tokens=self._num_generated_tokens,
             num_scheduled_tokens=self.scheduler.stats.num_scheduled_tokens,
             expert_tokens_per_layer=self.executor.expert_load(),
+            weight_bytes_per_rank=self._weight_bytes_per_rank,
             **self._host_tier_stats(),
         )
 

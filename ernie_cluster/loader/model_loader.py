@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -9,9 +10,14 @@ import torch
 from ernie_cluster.attention.backend import AttentionBackend
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
+from ernie_cluster.loader.checkpoint_files import weight_map
+from ernie_cluster.loader.compressed_tensors import CompressedTensorsReader, read_config
 from ernie_cluster.loader.safetensors_loader import IGNORED_WHEN_TIED, load_weights
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.model.sharding import ShardSpec
+from ernie_cluster.quantization.apply import quantize_model
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,11 +40,44 @@ def load_model(
     config: ErnieMoeConfig | None = None,
     show_progress: bool = True,
     comm: Communicator | None = None,
+    quantization: str | None = None,
 ) -> Ernie4_5_MoeForCausalLM:
+    """The rank's model with its weights loaded; `quantization` (a --quantization method)
+    quantizes them online once loaded (quantization/apply). A pre-quantized checkpoint
+    (compressed-tensors, loader/compressed_tensors) keeps its own values and scales."""
     config = config or ErnieMoeConfig.from_pretrained(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device(device):
         model = Ernie4_5_MoeForCausalLM(config, torch_dtype, shard, backend, comm)
     ignored = IGNORED_WHEN_TIED if config.tie_word_embeddings else ()
-    load_weights(model.weight_targets(), model_dir, show_progress=show_progress, ignored=ignored)
+    prequantized = read_config(model_dir)
+    reader = None
+    if prequantized is not None:
+        if quantization not in (None, prequantized.method):
+            raise ValueError(
+                f"the checkpoint is already quantized ({prequantized.description}, our "
+                f"{prequantized.method!r}); drop --quantization {quantization} or pass "
+                f"--quantization {prequantized.method}"
+            )
+        quantization = prequantized.method
+        reader = CompressedTensorsReader(prequantized, weight_map(Path(model_dir)))
+    load_weights(
+        model.weight_targets(),
+        model_dir,
+        show_progress=show_progress,
+        ignored=ignored,
+        quantized=reader,
+    )
+    if quantization is not None:
+        given = None if reader is None else reader.pieces
+        summary = quantize_model(model, quantization, model.comm, given_scales=given)
+        if reader is not None:
+            reader.close()
+        logger.info(
+            "%s: %d weights quantized, %.1f MB -> %.1f MB",
+            quantization,
+            summary.num_weights,
+            summary.bytes_before / 1e6,
+            summary.bytes_after / 1e6,
+        )
     return model.eval()

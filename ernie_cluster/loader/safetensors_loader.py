@@ -17,6 +17,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ernie_cluster.loader.checkpoint_files import CheckpointError, weight_map
+from ernie_cluster.loader.compressed_tensors import CompressedTensorsReader
 from ernie_cluster.model.weights import WeightTarget
 
 logger = logging.getLogger(__name__)
@@ -34,10 +35,13 @@ def load_weights(
     model_dir: str | Path,
     show_progress: bool = True,
     ignored: tuple[str, ...] = (),
+    quantized: CompressedTensorsReader | None = None,
 ) -> int:
-    """Copy the checkpoint's tensors into `targets`; returns the number of bytes read."""
+    """Copy the checkpoint's tensors into `targets`; returns the number of bytes read.
+    `quantized` serves a pre-quantized checkpoint's Linear weights, dequantized, under their
+    unquantized names (loader/compressed_tensors)."""
     model_dir = Path(model_dir)
-    files = weight_map(model_dir)
+    files = weight_map(model_dir) if quantized is None else quantized.logical_files()
     present = {name for name in files if not is_skipped(name) and name not in ignored}
     missing = sorted(set(targets) - present)
     if missing:
@@ -59,7 +63,10 @@ def load_weights(
     for file in progress:
         with safe_open(file, framework="pt") as handle:
             for name in by_file[file]:
-                bytes_read += _copy_one(handle, name, targets[name])
+                if quantized is not None and quantized.is_quantized(name):
+                    bytes_read += quantized.copy(name, targets[name])
+                else:
+                    bytes_read += _copy_one(handle, name, targets[name])
     logger.info("loaded %.1f MiB from %d shards of %s", bytes_read / 2**20, len(shards), model_dir)
     return bytes_read
 

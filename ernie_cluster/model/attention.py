@@ -8,7 +8,6 @@ reduces it across ranks.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ernie_cluster.attention.backend import AttentionBackend
@@ -17,6 +16,7 @@ from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.model.layers import InterleavedRotaryEmbedding
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.model.weights import WeightTarget, cols, rows
+from ernie_cluster.quantization.weight import linear
 
 
 class Ernie4_5_MoeAttention(nn.Module):
@@ -55,14 +55,23 @@ class Ernie4_5_MoeAttention(nn.Module):
         """cos_sin [N, 2, D/2] (the step's RoPE rows), hidden [N, H] -> partial o_proj [N, H]."""
         if self.kv_cache is None:
             raise RuntimeError("KV cache not bound: call bind_kv_caches before forward")
-        qkv = F.linear(hidden, self.qkv_proj)  # [N, q + 2kv]
+        qkv = linear(hidden, self.qkv_proj)  # [N, q + 2kv]
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = self.rotary(cos_sin, q, k)
         attn = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale)  # [N, Hq, D]
-        return F.linear(attn.reshape(-1, self.q_size), self.o_proj)
+        return linear(attn.reshape(-1, self.q_size), self.o_proj)
+
+    def quantizable_weights(self) -> dict[str, tuple[int, int]]:
+        """Weight -> (first checkpoint column held here, checkpoint columns); quantization/apply.
+        o_proj holds this rank's slice of the head columns (row-parallel)."""
+        hidden = self.config.hidden_size
+        return {
+            "qkv_proj": (0, hidden),
+            "o_proj": (self.q_head_start * self.head_dim, self.config.q_size),
+        }
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
         cfg, d = self.config, self.head_dim

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ernie_cluster.quantization.weight import QuantizedWeight, linear
+
 METHODS = ("auto", "grouped_mm", "triton", "loop")
 """auto: triton on CUDA (grouped_mm where triton is missing), grouped_mm on CPU.
 grouped_mm: torch._grouped_mm (sync-free on CUDA for bfloat16 on sm90+; on CPU wrapped so
@@ -100,17 +102,25 @@ def cuda_grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
     )
 
 
-def resolve_method(method: str, x: torch.Tensor, gate_up: torch.Tensor) -> str:
+def resolve_method(method: str, x: torch.Tensor, gate_up: torch.Tensor | QuantizedWeight) -> str:
+    """Quantized experts (quantization/weight) run the Triton kernels on CUDA and, on a CPU,
+    the per-expert loop over torch's weight-only kernels: a host read of the counts is free
+    there, and only the experts with rows are visited."""
     if method not in METHODS:
         raise ValueError(f"unknown MoE method {method!r}; expected one of {METHODS}")
+    quantized = isinstance(gate_up, QuantizedWeight)
+    if quantized and method == "grouped_mm":
+        raise ValueError("quantized experts run the 'triton' or 'loop' MoE method, not grouped_mm")
     if method != "auto":
         return method
     if not x.is_cuda:
-        return "grouped_mm"
+        return "loop" if quantized else "grouped_mm"
     from ernie_cluster.model import triton_moe
 
     if triton_moe.is_available():
         return "triton"
+    if quantized:
+        return "loop"
     return "grouped_mm" if cuda_grouped_mm_supported(x, gate_up) else "loop"
 
 
@@ -251,20 +261,29 @@ def _grouped_mm_swiglu(
 
 
 def _loop_swiglu(
-    rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: torch.Tensor
+    rows: torch.Tensor,
+    gate_up: torch.Tensor | QuantizedWeight,
+    down: torch.Tensor | QuantizedWeight,
+    counts: torch.Tensor,
 ) -> torch.Tensor:
     """The per-expert loop: reads the counts on the host and runs one matmul pair per active
-    expert. Kept to measure against and for shapes grouped_mm rejects."""
+    expert. Kept to measure against, for shapes grouped_mm rejects and for quantized experts
+    on a CPU."""
     out = torch.empty_like(rows)
     offset = 0
     for expert, count in enumerate(counts.tolist()):
         if count == 0:
             continue
         chunk = rows[offset : offset + count]
-        gate, up = F.linear(chunk, gate_up[expert]).chunk(2, dim=-1)
-        out[offset : offset + count] = F.linear(F.silu(gate) * up, down[expert])
+        gate, up = linear(chunk, _expert(gate_up, expert)).chunk(2, dim=-1)
+        out[offset : offset + count] = linear(F.silu(gate) * up, _expert(down, expert))
         offset += count
     return out
+
+
+def _expert(weights: torch.Tensor | QuantizedWeight, index: int):
+    """One expert's [N, K] weight of a stacked [E, N, K] (plain or quantized)."""
+    return weights.expert(index) if isinstance(weights, QuantizedWeight) else weights[index]
 
 
 def _benchmark(rounds: int = 5, repeats: int = 10) -> None:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ernie_cluster.model.triton_moe import is_available as triton_available
 from ernie_cluster.model.weights import WeightTarget, rows, whole
+from ernie_cluster.quantization.weight import linear
 
 KERNEL_METHODS = ("auto", "torch", "triton")
 """auto: the Triton kernels for CUDA tensors (when triton imports), torch ops elsewhere.
@@ -148,9 +149,16 @@ class SwiGLUMLP(nn.Module):
         if use_triton(self.method, x):
             from ernie_cluster.model.triton_layers import silu_and_mul
 
-            return F.linear(silu_and_mul(F.linear(x, self.gate_up_proj)), self.down_proj)
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [N, I] each
-        return F.linear(F.silu(gate) * up, self.down_proj)
+            return linear(silu_and_mul(linear(x, self.gate_up_proj)), self.down_proj)
+        gate, up = linear(x, self.gate_up_proj).chunk(2, dim=-1)  # [N, I] each
+        return linear(F.silu(gate) * up, self.down_proj)
+
+    def quantizable_weights(self) -> dict[str, tuple[int, int]]:
+        """Weight -> (first checkpoint column held here, checkpoint columns)."""
+        return {
+            "gate_up_proj": (0, self.hidden_size),
+            "down_proj": (self.shard_start, self.full_intermediate_size),
+        }
 
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
         inter, full, start = self.intermediate_size, self.full_intermediate_size, self.shard_start

@@ -113,6 +113,10 @@ class Ernie4_5_MoeExperts(nn.Module):
         )
         return out
 
+    def quantizable_weights(self) -> dict[str, tuple[int, int]]:
+        """Weight -> (first checkpoint column held here, checkpoint columns): whole experts."""
+        return {"gate_up_proj": (0, self.hidden_size), "down_proj": (0, self.intermediate_size)}
+
     def weight_targets(self, prefix: str) -> dict[str, WeightTarget]:
         inter, hidden = self.intermediate_size, self.hidden_size
         targets: dict[str, WeightTarget] = {}

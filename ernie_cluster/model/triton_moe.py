@@ -4,17 +4,20 @@ Owns two kernels and their launcher. `gate_up` reads each tile's token rows stra
 multiplies by the tile's expert gate and up weights and writes silu(gate) * up; `down` multiplies
 that by the expert's down weights and writes each pair's output times its routing weight to the
 pair's own row (`triton_router.combine` adds the k slots of a token afterwards, in order). The
-tile layout comes from `triton_router.sort_to_tiles` (or `fused_moe.align_to_tiles`). Triton
-is imported only when a kernel is first used, so the package imports without it.
+tile layout comes from `triton_router.sort_to_tiles` (or `fused_moe.align_to_tiles`). Quantized
+expert weights (quantization/weight) are dequantized in the kernels' weight tiles by the helpers
+of quantization/triton_gemm, under constexpr flags, so the unquantized kernels compile as they
+did. Triton is imported only when a kernel is first used, so the package imports without it.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
+from ernie_cluster.quantization.weight import QuantizedWeight
 from ernie_cluster.triton_env import dot_precision, interpreting
 
 
@@ -94,10 +97,16 @@ def _kernels():
     import triton
     import triton.language as tl
 
+    # NOTE: bound as module globals: the interpreter runs a kernel with its module's globals
+    # only (no closure), and the helpers' module imports triton, so it loads here, not above.
+    global channel_scaled, dequant_dot
+    from ernie_cluster.quantization.triton_gemm import channel_scaled, dequant_dot
+
     @triton.jit
     def gate_up_kernel(
         x_ptr,  # [M, H]
-        w_ptr,  # [E, 2I, H], gate rows first
+        w_ptr,  # [E, 2I, H], gate rows first (quantized: qweight, H / 2 bytes for int4)
+        s_ptr,  # [E, 2I, G] float32 scales (quantized only; None otherwise)
         act_ptr,  # [T * BLOCK_M, I] out: silu(gate) * up per padded row, x.dtype
         tile_pairs_ptr,  # [T * BLOCK_M] pair id, num_pairs on padding rows
         tile_experts_ptr,  # [T] local expert, -1 on unused tiles
@@ -115,6 +124,8 @@ def _kernels():
         EVEN_K: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        WFORMAT: tl.constexpr,  # "" or a quantization/triton_gemm format
+        GROUP_SIZE: tl.constexpr,  # columns per scale, 0: one per row
     ):
         tile = tl.program_id(0)
         expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
@@ -128,28 +139,62 @@ def _kernels():
         n_ok = offs_n < inter
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = x_ptr + tokens[:, None] * stride_xm + offs_k[None, :]  # [BM, BK]
-        # B tiles read the [out, in] weight rows as [BK, BN] columns (the in dim is contiguous).
-        g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
-        u_ptrs = g_ptrs + inter * stride_wn
         acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k_start in range(0, hidden, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
-                g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < hidden - k_start
-                a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-                g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
-            acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
-            acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            g_ptrs += BLOCK_K
-            u_ptrs += BLOCK_K
+        if WFORMAT == "":
+            # B tiles read the [out, in] weight rows as [BK, BN] columns (in is contiguous).
+            g_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+            u_ptrs = g_ptrs + inter * stride_wn
+            for k_start in range(0, hidden, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    g = tl.load(g_ptrs, mask=n_ok[None, :], other=0.0)
+                    u = tl.load(u_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k < hidden - k_start
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    g = tl.load(g_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                    u = tl.load(u_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a, g, u = a.to(tl.float32), g.to(tl.float32), u.to(tl.float32)
+                acc_gate = tl.dot(a, g, acc_gate, input_precision=PRECISION)
+                acc_up = tl.dot(a, u, acc_up, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                g_ptrs += BLOCK_K
+                u_ptrs += BLOCK_K
+        else:
+            # Quantized: [BN, BK] tiles of values (triton_gemm.dequant_dot), scales per row.
+            # values per stored byte (annotated: the interpreter keeps it a Python int)
+            PACK: tl.constexpr = 2 if WFORMAT == "int4" else 1
+            offs_kq = tl.arange(0, BLOCK_K // PACK)
+            g_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_kq[None, :]
+            u_ptrs = g_ptrs + inter * stride_wn
+            num_groups = hidden // GROUP_SIZE if GROUP_SIZE else 1
+            gs_ptrs = s_ptr + (expert * 2 * inter + offs_n) * num_groups  # [BN]
+            us_ptrs = gs_ptrs + inter * num_groups
+            for k_start in range(0, hidden, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs, mask=row_ok[:, None], other=0.0)
+                    q_mask = n_ok[:, None]
+                else:
+                    k_ok = offs_k < hidden - k_start
+                    a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                    q_mask = n_ok[:, None] & (offs_kq < (hidden - k_start) // PACK)[None, :]
+                if UPCAST:
+                    a = a.to(tl.float32)
+                acc_gate = dequant_dot(
+                    acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, offs_k, k_start, hidden,
+                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+                )  # fmt: skip
+                acc_up = dequant_dot(
+                    acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, offs_k, k_start, hidden,
+                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+                )  # fmt: skip
+                a_ptrs += BLOCK_K
+                g_ptrs += BLOCK_K // PACK
+                u_ptrs += BLOCK_K // PACK
+            acc_gate = channel_scaled(acc_gate, gs_ptrs, n_ok, WFORMAT, GROUP_SIZE)
+            acc_up = channel_scaled(acc_up, us_ptrs, n_ok, WFORMAT, GROUP_SIZE)
         # Rounded where the unfused ops round (gate, up, silu(gate)), to stay close to them.
         dtype = act_ptr.dtype.element_ty
         gate = acc_gate.to(dtype).to(tl.float32)
@@ -163,7 +208,8 @@ def _kernels():
     @triton.jit
     def down_kernel(
         act_ptr,  # [T * BLOCK_M, I]
-        w_ptr,  # [E, H, I]
+        w_ptr,  # [E, H, I] (quantized: qweight, I / 2 bytes for int4)
+        s_ptr,  # [E, H, G] float32 scales (quantized only; None otherwise)
         out_ptr,  # [P, H] out, act's dtype: weighted output of each owned pair
         tile_pairs_ptr,
         tile_experts_ptr,
@@ -182,6 +228,8 @@ def _kernels():
         EVEN_K: tl.constexpr,
         UPCAST: tl.constexpr,
         PRECISION: tl.constexpr,
+        WFORMAT: tl.constexpr,
+        GROUP_SIZE: tl.constexpr,
     ):
         tile = tl.program_id(0)
         expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
@@ -194,21 +242,46 @@ def _kernels():
         n_ok = offs_n < hidden
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = act_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-        b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k_start in range(0, inter, BLOCK_K):
-            if EVEN_K:
-                a = tl.load(a_ptrs)
-                b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
-            else:
-                k_ok = offs_k < inter - k_start
-                a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-                b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            if UPCAST:
-                a, b = a.to(tl.float32), b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=PRECISION)
-            a_ptrs += BLOCK_K
-            b_ptrs += BLOCK_K
+        if WFORMAT == "":
+            b_ptrs = w_ptr + expert * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+            for k_start in range(0, inter, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    b = tl.load(b_ptrs, mask=n_ok[None, :], other=0.0)
+                else:
+                    k_ok = offs_k < inter - k_start
+                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                    b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                if UPCAST:
+                    a, b = a.to(tl.float32), b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=PRECISION)
+                a_ptrs += BLOCK_K
+                b_ptrs += BLOCK_K
+        else:
+            # values per stored byte (annotated: the interpreter keeps it a Python int)
+            PACK: tl.constexpr = 2 if WFORMAT == "int4" else 1
+            offs_kq = tl.arange(0, BLOCK_K // PACK)
+            q_ptrs = w_ptr + expert * stride_we + offs_n[:, None] * stride_wn + offs_kq[None, :]
+            num_groups = inter // GROUP_SIZE if GROUP_SIZE else 1
+            s_ptrs = s_ptr + (expert * hidden + offs_n) * num_groups  # [BN]
+            for k_start in range(0, inter, BLOCK_K):
+                if EVEN_K:
+                    a = tl.load(a_ptrs)
+                    q_mask = n_ok[:, None]
+                else:
+                    k_ok = offs_k < inter - k_start
+                    a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                    q_mask = n_ok[:, None] & (offs_kq < (inter - k_start) // PACK)[None, :]
+                if UPCAST:
+                    a = a.to(tl.float32)
+                acc = dequant_dot(
+                    acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, inter,
+                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+                )  # fmt: skip
+                a_ptrs += BLOCK_K
+                q_ptrs += BLOCK_K // PACK
+            acc = channel_scaled(acc, s_ptrs, n_ok, WFORMAT, GROUP_SIZE)
         # NOTE: the expert output and its weighted product are each rounded to the activation
         # dtype (act's), as fused_moe.fused_experts specifies, so every path and every world
         # size adds the same float32 products.
@@ -228,21 +301,23 @@ def run_experts(
     tile_pairs: torch.Tensor,
     tile_experts: torch.Tensor,
     topk_weights: torch.Tensor | None,
-    gate_up: torch.Tensor,
-    down: torch.Tensor,
+    gate_up: torch.Tensor | QuantizedWeight,
+    down: torch.Tensor | QuantizedWeight,
     top_k: int,
     config: MoeConfig,
 ) -> torch.Tensor:
     """x [M, H], tiles from `align_to_tiles(block_m=config.block_m)`, topk_weights [M, k] or
-    None, gate_up [E, 2I, H], down [E, H, I] -> [M * k, H] in x's dtype (float32 when
-    interpreted): w * expert(x) per owned pair; rows of pairs not owned here are left unset
-    (`combine` skips them)."""
+    None, gate_up [E, 2I, H], down [E, H, I] (plain, or quantized: dequantized in the kernels)
+    -> [M * k, H] in x's dtype (float32 when interpreted): w * expert(x) per owned pair; rows
+    of pairs not owned here are left unset (`combine` skips them)."""
     gate_up_kernel, down_kernel, interpreted = _kernels()
     num_pairs = x.shape[0] * top_k
     hidden, inter = x.shape[1], down.shape[2]
     num_tiles = tile_experts.numel()
     block_m = config.block_m
-    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    x = x.contiguous()
+    gate_up, gate_up_scale, gate_up_format, gate_up_group = _weight_operands(gate_up, x.device)
+    down, down_scale, down_format, down_group = _weight_operands(down, x.device)
     # The interpreter computes bfloat16 wrongly (dots, and casts truncate), so under it the
     # kernels upcast their operands and keep act and out in float32, which also turns the
     # in-kernel roundings to act's dtype into no-ops. float32 operands get exact (not TF32) dots.
@@ -254,10 +329,11 @@ def run_experts(
     act = torch.empty(num_tiles * block_m, inter, dtype=act_dtype, device=x.device)
     precision = "ieee" if upcast else dot_precision(x.dtype)
     wide = x.element_size() > 2
-    cfg = for_operands(config.gate_up, wide, accumulators=2)
+    cfg = _fit_groups(for_operands(config.gate_up, wide, accumulators=2), gate_up_group)
     gate_up_kernel[(num_tiles, -(-inter // cfg.block_n))](
         x,
         gate_up,
+        gate_up_scale,
         act,
         tile_pairs,
         tile_experts,
@@ -275,14 +351,17 @@ def run_experts(
         EVEN_K=hidden % cfg.block_k == 0,
         UPCAST=upcast,
         PRECISION=precision,
+        WFORMAT=gate_up_format,
+        GROUP_SIZE=gate_up_group,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     weights = out if topk_weights is None else topk_weights.reshape(-1).contiguous()
-    cfg = for_operands(config.down, wide, accumulators=1)
+    cfg = _fit_groups(for_operands(config.down, wide, accumulators=1), down_group)
     down_kernel[(num_tiles, -(-hidden // cfg.block_n))](
         act,
         down,
+        down_scale,
         out,
         tile_pairs,
         tile_experts,
@@ -301,7 +380,29 @@ def run_experts(
         EVEN_K=inter % cfg.block_k == 0,
         UPCAST=upcast,
         PRECISION=precision,
+        WFORMAT=down_format,
+        GROUP_SIZE=down_group,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     return out
+
+
+def _weight_operands(
+    weight: torch.Tensor | QuantizedWeight, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, str, int]:
+    """(weight or qweight, scales or None, WFORMAT, GROUP_SIZE) of a kernel's expert weights."""
+    if isinstance(weight, torch.Tensor):
+        return weight.contiguous(), None, "", 0
+    from ernie_cluster.quantization.triton_gemm import kernel_operands
+
+    return kernel_operands(weight, None, device)
+
+
+def _fit_groups(kernel: KernelConfig, group_size: int) -> KernelConfig:
+    """The K step for scale groups of `group_size` (quantization/triton_gemm.fit_block_k)."""
+    if group_size == 0:
+        return kernel
+    from ernie_cluster.quantization.triton_gemm import fit_block_k
+
+    return replace(kernel, block_k=fit_block_k(kernel.block_k, group_size))

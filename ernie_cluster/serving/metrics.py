@@ -39,6 +39,10 @@ ENGINE_GAUGES = {
     ),
     "host_kv_blocks_used": ("ernie_host_kv_blocks_used", "Host KV tier blocks holding a prefix"),
     "host_kv_blocks_total": ("ernie_host_kv_blocks_capacity", "Host KV tier blocks (0: off)"),
+    "weight_bytes_per_rank": (
+        "ernie_weight_bytes_per_rank",
+        "Weight bytes on the fullest shard worker (quantized weights as held)",
+    ),
 }
 ENGINE_COUNTERS = {  # exposed with the `_total` suffix
     "num_preemptions": ("ernie_num_preemptions", "Requests preempted so far"),

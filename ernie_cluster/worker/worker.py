@@ -17,6 +17,7 @@ from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.sharding import ShardSpec
+from ernie_cluster.quantization.apply import weight_bytes
 from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.kv_cache_sizing import determine_num_kv_blocks
 from ernie_cluster.worker.model_runner import ModelRunner
@@ -51,6 +52,7 @@ class Worker:
             show_progress=config.show_progress and rank == 0,
             comm=comm,
             backend=get_attention_backend(config.attention_backend, self.device),
+            quantization=config.quantization,
         )
         # NOTE: a max_model_len beyond the checkpoint's max_position_embeddings needs more
         # RoPE rows than the model builds by default.
@@ -66,8 +68,15 @@ class Worker:
         self._bytes_sent_at_start = dict(self.model.comm.bytes_sent)
         if config.seed is not None:
             torch.manual_seed(config.seed)
+        weights = weight_bytes(self.model)
         logger.info(
-            "rank %d: %d KV blocks of %d tokens", rank, self.num_kv_blocks, config.block_size
+            "rank %d: weights %.1f MB (experts %.1f MB)%s, %d KV blocks of %d tokens",
+            rank,
+            sum(weights.values()) / 1e6,
+            weights["experts"] / 1e6,
+            f", {config.quantization}" if config.quantization else "",
+            self.num_kv_blocks,
+            config.block_size,
         )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -88,9 +97,6 @@ class Worker:
         return {name: n - start.get(name, 0) for name, n in self.model.comm.bytes_sent.items()}
 
     def resident_parameter_bytes(self) -> dict[str, int]:
-        """Bytes of parameters held by this rank, by kind (routed experts vs the rest)."""
-        sizes = {"experts": 0, "other": 0}
-        for name, param in self.model.named_parameters():
-            kind = "experts" if ".experts." in f".{name}." else "other"
-            sizes[kind] += param.numel() * param.element_size()
-        return sizes
+        """Bytes of weights held by this rank, by kind (routed experts vs the rest), quantized
+        ones at their resident size."""
+        return weight_bytes(self.model)

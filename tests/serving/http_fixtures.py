@@ -275,6 +275,9 @@ class ScriptedExecutor:
     def expert_load(self) -> torch.Tensor:
         return torch.zeros(0, 0, dtype=torch.long)
 
+    def resident_parameter_bytes(self) -> dict[str, int]:
+        return {"experts": 0, "other": 0}
+
     def check_health(self) -> None:
         """Never unhealthy."""
 
