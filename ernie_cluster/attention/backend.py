@@ -2,7 +2,9 @@
 
 A backend writes the step's new K/V into the cache, then attends every new query to its
 sequence's cached keys. The cache of one layer is one tensor [2, num_slots, kv_heads, head_dim]
-(slot = block_id * block_size + offset). A GPU kernel plugs in by implementing `forward`.
+(slot = block_id * block_size + offset), in the model dtype or in fp8 e4m3 with the layer's
+scales (attention/kv_quant): then writes quantize and reads dequantize to q's dtype. A GPU
+kernel plugs in by implementing `forward`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,13 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ernie_cluster.attention.kv_quant import (
+    FP8_KV_DTYPE,
+    dequantize_fp8,
+    is_fp8,
+    kv_scales,
+    quantize_fp8,
+)
 from ernie_cluster.attention.metadata import AttentionMetadata
 
 
@@ -25,7 +34,8 @@ class AttentionBackend(Protocol):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        """q [N, Hq, D], k/v [N, Hkv, D], kv_cache [2, slots, Hkv, D] -> [N, Hq, D]."""
+        """q [N, Hq, D], k/v [N, Hkv, D], kv_cache [2, slots, Hkv, D] -> [N, Hq, D]. An fp8
+        kv_cache (float8_e4m3fn) carries its scales (attention/kv_quant.kv_scales)."""
         ...
 
 
@@ -76,8 +86,36 @@ def prefix_then_causal(
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    kv_cache[0].index_copy_(0, slots, k.to(kv_cache.dtype))
-    kv_cache[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+    """kv_cache [2, slots, Hkv, D] <- k, v [N, Hkv, D] at slots [N], quantized if fp8."""
+    if not is_fp8(kv_cache):
+        kv_cache[0].index_copy_(0, slots, k.to(kv_cache.dtype))
+        kv_cache[1].index_copy_(0, slots, v.to(kv_cache.dtype))
+        return
+    k_scale, v_scale = kv_scales(kv_cache)
+    raw = kv_cache.view(torch.uint8)  # NOTE: CPU index kernels have no float8 variants
+    raw[0].index_copy_(0, slots, quantize_fp8(k, k_scale).view(torch.uint8))
+    raw[1].index_copy_(0, slots, quantize_fp8(v, v_scale).view(torch.uint8))
+
+
+class _PagedReader:
+    """Gathers whole blocks of one layer's cache, dequantized to the compute dtype if fp8."""
+
+    def __init__(self, kv_cache: torch.Tensor, block_size: int, dtype: torch.dtype) -> None:
+        num_slots, num_kv_heads, head_dim = kv_cache.shape[1:]
+        self.fp8 = is_fp8(kv_cache)
+        self.scales = kv_scales(kv_cache)
+        self.dtype = dtype
+        # fp8 blocks are gathered as bytes (CPU indexing has no float8 kernels), then decoded
+        storage = kv_cache.view(torch.uint8) if self.fp8 else kv_cache
+        # [2, num_blocks, block_size, Hkv, D]: a free view of the slot layout
+        self.blocks = storage.view(2, num_slots // block_size, block_size, num_kv_heads, head_dim)
+
+    def __call__(self, kv: int, block_ids: torch.Tensor) -> torch.Tensor:
+        """Blocks `block_ids` [...] of K (kv=0) or V (kv=1) -> [..., block_size, Hkv, D]."""
+        rows = self.blocks[kv, block_ids]
+        if not self.fp8:
+            return rows
+        return dequantize_fp8(rows.view(FP8_KV_DTYPE), self.scales[kv], self.dtype)
 
 
 class TorchPagedAttention:
@@ -94,14 +132,10 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
-        num_slots, num_kv_heads, head_dim = kv_cache.shape[1:]
-        # [2, num_blocks, block_size, Hkv, D]: a free view of the slot layout
-        blocks = kv_cache.view(
-            2, num_slots // meta.block_size, meta.block_size, num_kv_heads, head_dim
-        )
+        read = _PagedReader(kv_cache, meta.block_size, q.dtype)
         for span in meta.prefills:
-            keys = blocks[0, span.block_ids].flatten(0, 1)[: span.context_len]  # [ctx, Hkv, D]
-            values = blocks[1, span.block_ids].flatten(0, 1)[: span.context_len]
+            keys = read(0, span.block_ids).flatten(0, 1)[: span.context_len]  # [ctx, Hkv, D]
+            values = read(1, span.block_ids).flatten(0, 1)[: span.context_len]
             if span.has_prefix and _CPU_FLASH is not None and q.device.type == "cpu":
                 attn = prefix_then_causal(q[span.start : span.stop], keys, values, scale)
                 out[span.start : span.stop] = attn
@@ -123,8 +157,8 @@ class TorchPagedAttention:
             # in place (attention/triton_backend).
             num_blocks = -(-meta.max_decode_seq_len // meta.block_size)
             table = meta.block_table[:num_decodes, :num_blocks].long()  # [Bd, nb]
-            keys = blocks[0, table].flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, nb * bs, D]
-            values = blocks[1, table].flatten(1, 2).transpose(1, 2)
+            keys = read(0, table).flatten(1, 2).transpose(1, 2)  # [Bd, Hkv, nb * bs, D]
+            values = read(1, table).flatten(1, 2).transpose(1, 2)
             key_pos = torch.arange(num_blocks * meta.block_size, device=q.device)
             mask = key_pos[None, :] < meta.seq_lens_tensor[:num_decodes, None]  # [Bd, nb*bs]
             queries = q[:num_decodes].unsqueeze(2)  # [Bd, Hq, 1, D]

@@ -7,6 +7,7 @@ are never gathered or padded to the longest context. The grid is sized from host
 host syncs, and the same grid replays under a CUDA graph whatever the sequences' lengths.
 Each sequence picks its own split count on the device from its length, so a long row among
 short ones gets many programs while the short ones use one (the rest exit at once).
+An fp8 cache (attention/kv_quant) is dequantized to q's dtype tile by tile as it is read.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ernie_cluster.attention.kv_quant import is_fp8, kv_scales
 from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.attention.triton_kv_quant import dequantize_e4m3, kv_load_stages
 from ernie_cluster.triton_env import dot_precision, interpreting
 from ernie_cluster.triton_rounding import rounded
 
@@ -42,6 +45,8 @@ def _decode_split_kernel(
     seq_lens_ptr,  # [B] int32
     block_table_ptr,  # [B, max_blocks] int32
     qk_scale,  # softmax scale * log2(e)
+    k_scale,  # fp8 caches only: key = stored * k_scale
+    v_scale,
     stride_q_tok,
     stride_q_head,
     stride_kv_slot,
@@ -58,6 +63,7 @@ def _decode_split_kernel(
     MAX_SPLITS: tl.constexpr,  # the grid's third dimension
     MIN_KEYS: tl.constexpr,  # fewest keys per split
     UPCAST: tl.constexpr,  # interpreter only: compute in fp32 (it mishandles bf16 dots)
+    KV_FP8: tl.constexpr,  # the cache is e4m3: dequantize each tile to q's dtype
     DOT_PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)  # decode rows are sequences [0, num_decodes), row == seq
@@ -106,7 +112,10 @@ def _decode_split_kernel(
         kv_mask = mask_n[:, None] & mask_d[None, :]
         k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        if UPCAST:
+        if KV_FP8:
+            k = dequantize_e4m3(k, k_scale, q_ptr.dtype.element_ty, UPCAST)
+            v = dequantize_e4m3(v, v_scale, q_ptr.dtype.element_ty, UPCAST)
+        elif UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
 
@@ -192,10 +201,10 @@ def decode_attention(
     min_keys_per_split: int = MIN_KEYS_PER_SPLIT,
 ) -> torch.Tensor | None:
     """Attend rows [0, meta.num_decodes) of q [N, Hq, D] to their cached keys, written into
-    the same rows of out [N, Hq, D]. kv_cache [2, num_slots, Hkv, D] already holds this
-    step's keys. `num_splits` fixes the grid's split count (the most any sequence uses); by
-    default it follows meta.max_decode_seq_len. Returns the splits each sequence used [Bd]
-    int32 (None when the grid has one: no merge)."""
+    the same rows of out [N, Hq, D]. kv_cache [2, num_slots, Hkv, D] (q's dtype, or fp8 with
+    its scales) already holds this step's keys. `num_splits` fixes the grid's split count (the
+    most any sequence uses); by default it follows meta.max_decode_seq_len. Returns the splits
+    each sequence used [Bd] int32 (None when the grid has one: no merge)."""
     num_decodes = meta.num_decodes
     if num_decodes == 0:
         return None
@@ -205,10 +214,11 @@ def decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(meta.max_decode_seq_len, min_keys_per_split)
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_slots, Hkv, D]
+    k_scale, v_scale = kv_scales(kv_cache)
     block_d = max(triton.next_power_of_2(head_dim), 16)
     # NOTE: float32 runs exact (ieee) dots on CUDA cores; their 32-key tiles already spill
     # (the AOT compile test), so float32 reads 16 keys per tile.
-    block_n = block_n or (16 if kv_cache.dtype == torch.float32 else 64)
+    block_n = block_n or (16 if q.dtype == torch.float32 else 64)
     upcast = interpreting()
     device = q.device
     if num_splits > 1:
@@ -232,6 +242,8 @@ def decode_attention(
         meta.seq_lens_tensor,
         meta.block_table,
         scale * LOG2E,
+        k_scale,
+        v_scale,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -248,9 +260,10 @@ def decode_attention(
         MAX_SPLITS=num_splits,
         MIN_KEYS=min_keys_per_split,
         UPCAST=upcast,
-        DOT_PRECISION=dot_precision(kv_cache.dtype),
+        KV_FP8=is_fp8(kv_cache),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=4,
-        num_stages=2,
+        num_stages=kv_load_stages(q, kv_cache),
     )
     if num_splits == 1:
         return None

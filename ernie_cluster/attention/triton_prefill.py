@@ -7,6 +7,7 @@ for the whole group, not once per query head. Every key, the chunk's own include
 the cache through the block table (the backend writes this step's K/V first), and the
 offset-causal mask is computed in the kernel; nothing is gathered or materialised per step.
 The grid is sized from host ints only, so launching never syncs with the device.
+An fp8 cache (attention/kv_quant) is dequantized to q's dtype tile by tile as it is read.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ernie_cluster.attention.kv_quant import is_fp8, kv_scales
 from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.attention.triton_decode import LOG2E
+from ernie_cluster.attention.triton_kv_quant import dequantize_e4m3, kv_load_stages
 from ernie_cluster.triton_env import dot_precision, interpreting
 from ernie_cluster.triton_rounding import rounded
 
@@ -36,12 +39,16 @@ def _attend_tile(
     query_pos,  # [BLOCK_M] absolute position of each query
     seq_len,
     qk_scale,
+    k_scale,
+    v_scale,
     offs_d,
     mask_d,
     PAGE_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr,  # False for tiles every query of the program may see in full
     UPCAST: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    Q_DTYPE: tl.constexpr,  # the compute dtype fp8 keys and values are dequantized to
     DOT_PRECISION: tl.constexpr,
 ):
     offs_n = tile_start + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
@@ -53,7 +60,10 @@ def _attend_tile(
     kv_mask = mask_n[:, None] & mask_d[None, :]
     k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
     v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-    if UPCAST:
+    if KV_FP8:
+        k = dequantize_e4m3(k, k_scale, Q_DTYPE, UPCAST)
+        v = dequantize_e4m3(v, v_scale, Q_DTYPE, UPCAST)
+    elif UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [M, N]
@@ -83,6 +93,8 @@ def _prefill_kernel(
     block_table_ptr,  # [B, max_blocks] int32
     num_decodes,
     qk_scale,  # softmax scale * log2(e)
+    k_scale,  # fp8 caches only: key = stored * k_scale
+    v_scale,
     stride_q_tok,
     stride_q_head,
     stride_kv_slot,
@@ -98,6 +110,7 @@ def _prefill_kernel(
     BLOCK_Q: tl.constexpr,  # tokens per program
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    KV_FP8: tl.constexpr,  # the cache is e4m3: dequantize each tile to q's dtype
     DOT_PRECISION: tl.constexpr,
 ):
     seq = num_decodes + tl.program_id(0)
@@ -147,14 +160,16 @@ def _prefill_kernel(
     for tile_start in range(0, full_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row, kv_head_off,
-            stride_kv_slot, tile_start, query_pos, seq_len, qk_scale, offs_d, mask_d,
-            PAGE_SIZE, BLOCK_N, False, UPCAST, DOT_PRECISION,
+            stride_kv_slot, tile_start, query_pos, seq_len, qk_scale, k_scale, v_scale, offs_d,
+            mask_d, PAGE_SIZE, BLOCK_N, False, UPCAST, KV_FP8, q_ptr.dtype.element_ty,
+            DOT_PRECISION,
         )  # fmt: skip
     for tile_start in range(full_end, causal_end, BLOCK_N):
         acc, m_i, l_i = _attend_tile(
             q, acc, m_i, l_i, k_cache_ptr, v_cache_ptr, table_row, kv_head_off,
-            stride_kv_slot, tile_start, query_pos, seq_len, qk_scale, offs_d, mask_d,
-            PAGE_SIZE, BLOCK_N, True, UPCAST, DOT_PRECISION,
+            stride_kv_slot, tile_start, query_pos, seq_len, qk_scale, k_scale, v_scale, offs_d,
+            mask_d, PAGE_SIZE, BLOCK_N, True, UPCAST, KV_FP8, q_ptr.dtype.element_ty,
+            DOT_PRECISION,
         )  # fmt: skip
 
     acc = acc / l_i[:, None]
@@ -189,18 +204,20 @@ def prefill_attention(
     block_n: int | None = None,
 ) -> None:
     """Attend the span rows [num_decodes' rows, N) of q [N, Hq, D], written into the same rows
-    of out [N, Hq, D]. kv_cache [2, num_slots, Hkv, D] already holds this step's keys."""
+    of out [N, Hq, D]. kv_cache [2, num_slots, Hkv, D] (q's dtype, or fp8 with its scales)
+    already holds this step's keys."""
     num_spans = meta.num_prefills
     if num_spans == 0:
         return
     _, num_heads, head_dim = q.shape
     num_kv_heads = kv_cache.shape[2]
     group = num_heads // num_kv_heads
-    default_m, default_n = prefill_tiles(head_dim, kv_cache.dtype)
+    default_m, default_n = prefill_tiles(head_dim, q.dtype)
     block_m, block_n = block_m or default_m, block_n or default_n
     block_m = max(block_m, triton.next_power_of_2(group))  # room for one token's heads
     block_q = block_m // group  # tokens per program: their G heads fill the rows
     k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_slots, Hkv, D]
+    k_scale, v_scale = kv_scales(kv_cache)
     grid = (num_spans, num_kv_heads, triton.cdiv(meta.max_prefill_query_len, block_q))
     _prefill_kernel[grid](
         q,
@@ -212,6 +229,8 @@ def prefill_attention(
         meta.block_table,
         meta.num_decodes,
         scale * LOG2E,
+        k_scale,
+        v_scale,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -227,7 +246,8 @@ def prefill_attention(
         BLOCK_Q=block_q,
         BLOCK_N=block_n,
         UPCAST=interpreting(),
-        DOT_PRECISION=dot_precision(kv_cache.dtype),
+        KV_FP8=is_fp8(kv_cache),
+        DOT_PRECISION=dot_precision(q.dtype),
         num_warps=8 if block_m * block_n >= 64 * 64 else 4,
-        num_stages=2,
+        num_stages=kv_load_stages(q, kv_cache),
     )

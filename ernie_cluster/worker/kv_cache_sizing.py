@@ -1,10 +1,11 @@
 """How many KV cache blocks a rank gets: the memory budget, the profile behind it, and the
 agreement of every rank on one block count.
 
-Owns the budget formula (see `MemoryProfile.kv_cache_budget`), the profiling forward at the
-step token budget on a small temporary cache, and the MIN over ranks. Never allocates the real
-cache (the model runner does) and leaves no trace in the model: the temporary cache is unbound
-and the expert-load counters are restored.
+Owns the budget formula (see `MemoryProfile.kv_cache_budget`), the bytes of a block in the
+cache's element type (`kv_cache_dtype`: fp8 is one byte, so twice bfloat16's blocks), the
+profiling forward at the step token budget on a small temporary cache, and the MIN over ranks.
+Never allocates the real cache (the model runner does) and leaves no trace in the model: the
+temporary cache is unbound and the expert-load counters are restored.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ernie_cluster.attention.kv_quant import kv_cache_torch_dtype
 from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.config.engine_config import EngineConfig, max_model_len_for
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
+from ernie_cluster.worker.model_runner import allocate_kv_caches
 
 logger = logging.getLogger(__name__)
 
@@ -64,10 +67,14 @@ class MemoryProfile:
 MemorySource = Callable[[], MemoryProfile]
 
 
-def kv_cache_bytes_per_block(model: Ernie4_5_MoeForCausalLM, block_size: int) -> int:
-    """Bytes of one block on this rank: K and V of its kv heads in every layer."""
+def kv_cache_bytes_per_block(
+    model: Ernie4_5_MoeForCausalLM, block_size: int, cache_dtype: torch.dtype | None = None
+) -> int:
+    """Bytes of one block on this rank: K and V of its kv heads in every layer, in
+    `cache_dtype` (default: the model's; fp8 is one byte an element)."""
     attn = model.layers[0].self_attn
-    per_token = 2 * attn.num_kv_heads * attn.head_dim * model.dtype.itemsize
+    itemsize = (cache_dtype or model.dtype).itemsize
+    per_token = 2 * attn.num_kv_heads * attn.head_dim * itemsize
     return per_token * len(model.layers) * block_size
 
 
@@ -104,15 +111,14 @@ def run_profile_forward(
         n = -(-q_len // block_size)
         block_tables.append(list(range(num_blocks, num_blocks + n)))
         num_blocks += n
-    attn = model.layers[0].self_attn
-    shape = (2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
     bound = [layer.self_attn.kv_cache for layer in model.layers]
     counters = {
         name: buf.clone()
         for name, buf in model.named_buffers()
         if name.endswith("tokens_per_expert")
     }
-    model.bind_kv_caches([torch.empty(shape, dtype=model.dtype, device=device) for _ in bound])
+    cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model.dtype)
+    model.bind_kv_caches(allocate_kv_caches(model, num_blocks, block_size, device, cache_dtype))
     try:
         meta = AttentionMetadata.build(query_lens, query_lens, block_tables, block_size, device)
         input_ids = torch.zeros(sum(query_lens), dtype=torch.long, device=device)
@@ -178,7 +184,8 @@ def determine_num_kv_blocks(
     """
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
-    bytes_per_block = kv_cache_bytes_per_block(model, config.block_size)
+    cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model.dtype)
+    bytes_per_block = kv_cache_bytes_per_block(model, config.block_size, cache_dtype)
     profile = None
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes
@@ -196,13 +203,15 @@ def determine_num_kv_blocks(
     if profile is not None:
         logger.info(
             "KV budget %.2f GiB: %.2f GiB x %.2f - %.2f GiB in use - %.2f GiB peak activations "
-            "-> %d blocks here, %d agreed",
+            "-> %d blocks of %d bytes (%s) here, %d agreed",
             budget / 2**30,
             profile.total_bytes / 2**30,
             config.gpu_memory_utilization,
             profile.used_bytes / 2**30,
             profile.peak_activation_bytes / 2**30,
             local,
+            bytes_per_block,
+            str(cache_dtype).removeprefix("torch."),
             num_blocks,
         )
     return num_blocks

@@ -5,8 +5,9 @@ and runs the step's copies on its own shard: saves (device -> host) then loads (
 device). On CUDA the host pool is pinned and the copies run non-blocking on a side stream; the
 step's forward waits (on the GPU, never the host) for the saves, because it overwrites the
 saved blocks, and the next step's forward waits for the loads, so loading one request's blocks
-overlaps the other requests' forward. On CPU the copies are plain tensor copies. Never decides
-which blocks move.
+overlaps the other requests' forward. On CPU the copies are plain tensor copies. Blocks move as
+they are stored: an fp8 cache's blocks are copied as bytes (its scales stay with the layer, so a
+block comes back bit-exact). Never decides which blocks move.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from ernie_cluster.attention.kv_quant import is_fp8
 
 GIB = 1 << 30
 
@@ -47,7 +50,8 @@ class HostKVPool:
         self.device = kv_caches[0].device
         # (2, slots, H, D) -> (2, blocks, block_size, H, D): a block is one index of dim 1.
         self.device_blocks = [
-            c.view(2, c.shape[1] // block_size, block_size, *c.shape[2:]) for c in kv_caches
+            _copyable(c).view(2, c.shape[1] // block_size, block_size, *c.shape[2:])
+            for c in kv_caches
         ]
         pin = self.device.type == "cuda"
         # NOTE: empty, not zeros: a slot is read only after a save wrote it, and zeroing tens of
@@ -123,3 +127,9 @@ class HostKVPool:
             host_ids, device_ids = (torch.tensor(ids) for ids in zip(*loads, strict=True))
             for device, host in zip(self.device_blocks, self.host_blocks, strict=True):
                 device.index_copy_(1, device_ids, host.index_select(1, host_ids))
+
+
+def _copyable(cache: torch.Tensor) -> torch.Tensor:
+    """The cache, or a byte view of an fp8 one (CPU index_select / index_copy_ have no float8
+    kernels; a byte copy is exact)."""
+    return cache.view(torch.uint8) if is_fp8(cache) else cache

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ernie_cluster.attention.kv_quant import kv_cache_torch_dtype, layer_kv_scales, set_kv_scales
 from ernie_cluster.config.engine_config import EngineConfig, max_model_len_for
 from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sample import Sampler, SamplingState
@@ -45,11 +46,22 @@ class CachedRequestState:
 
 
 def allocate_kv_caches(
-    model: Ernie4_5_MoeForCausalLM, num_blocks: int, block_size: int, device: torch.device | str
+    model: Ernie4_5_MoeForCausalLM,
+    num_blocks: int,
+    block_size: int,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
+    """One zeroed cache per layer, each [2, num_blocks * block_size, kv_heads, head_dim] in
+    `dtype` (default: the model's; fp8 caches carry their layer's scales, attention/kv_quant)."""
     attn = model.layers[0].self_attn
     shape = (2, num_blocks * block_size, attn.num_kv_heads, attn.head_dim)
-    return [torch.zeros(shape, dtype=model.dtype, device=device) for _ in model.layers]
+    caches = []
+    for layer in model.layers:
+        cache = torch.zeros(shape, dtype=dtype or model.dtype, device=device)
+        set_kv_scales(cache, *layer_kv_scales(layer.self_attn))
+        caches.append(cache)
+    return caches
 
 
 class ModelRunner:
@@ -65,8 +77,18 @@ class ModelRunner:
         self.block_size = config.block_size
         self.device = torch.device(device)
         self.num_blocks = num_blocks
+        cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model.dtype)
         # NOTE: one spare block past the pool: CUDA-graph padding rows write their K/V there.
-        self.kv_caches = allocate_kv_caches(model, num_blocks + 1, self.block_size, self.device)
+        self.kv_caches = allocate_kv_caches(
+            model, num_blocks + 1, self.block_size, self.device, cache_dtype
+        )
+        logger.info(
+            "KV cache: %d blocks of %d tokens in %s, %.2f GiB",
+            num_blocks,
+            self.block_size,
+            str(cache_dtype).removeprefix("torch."),
+            sum(c.numel() * c.element_size() for c in self.kv_caches) / 2**30,
+        )
         model.bind_kv_caches(self.kv_caches)
         self.kv_offload = HostKVPool.sized(
             self.kv_caches, self.block_size, config.kv_offload_gb, config.num_host_kv_blocks

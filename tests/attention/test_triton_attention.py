@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from paged_tables import paged_tables
 
 # NOTE: triton.jit decides between compiling and interpreting when a kernel is decorated, so
 # the interpreter is switched on before any ernie_cluster.attention.triton_* import (for the
@@ -52,20 +53,9 @@ class Case:
 
 def make_case(query_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype):
     gen = torch.Generator().manual_seed(sum(context_lens) * 31 + len(query_lens))
-    blocks_per_seq = [-(-ctx // block_size) for ctx in context_lens]
-    num_blocks = sum(blocks_per_seq) + 3  # a few blocks nobody owns
-    block_ids = torch.randperm(num_blocks, generator=gen).tolist()
-    poison = block_ids.pop()
-    tables, used = [], 0
-    for count in blocks_per_seq:
-        tables.append(block_ids[used : used + count])
-        used += count
-    meta = AttentionMetadata.build(query_lens, context_lens, tables, block_size, DEVICE)
-    # Unused entries point at the poison block; the table is wider than any row.
-    poisoned = torch.full((len(tables), max(blocks_per_seq) + 2), poison, dtype=torch.int32)
-    for i, table in enumerate(tables):
-        poisoned[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
-    poisoned_meta = dataclasses.replace(meta, block_table=poisoned.to(DEVICE))
+    tables = paged_tables(query_lens, context_lens, block_size, gen, 3, DEVICE)
+    meta, poisoned_meta = tables.meta, tables.poisoned_meta
+    num_blocks, poison = tables.num_blocks, tables.poison
 
     kv_cache = torch.randn(2, num_blocks * block_size, num_kv_heads, head_dim, generator=gen)
     poison_slots = slice(poison * block_size, (poison + 1) * block_size)

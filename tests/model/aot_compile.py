@@ -4,7 +4,10 @@ Triton's own compiler and no GPU, and prints one JSON line per compiled variant.
 Each launcher runs as the model would call it, on `meta` tensors of the real model's shapes
 (ERNIE-4.5-21B-A3B: hidden 2560, 20/4 heads of 128, 64 experts of 1536 top-6, 2 shared), once
 per configuration its code can select (MoE tile configs, decode split counts, prefill tiles,
-the kernels' flags, bfloat16 and float32: the engine's --dtype can pick either on a GPU).
+the kernels' flags, bfloat16 and float32: the engine's --dtype can pick either on a GPU), and
+the quantized GEMMs (quantization/triton_gemm, the quantized MoE variants) for each storage
+format with bfloat16 activations; e4m3 weights are decoded from their bytes on sm_80, where
+Triton refuses its fp8e4nv type.
 `JITFunction.run` is replaced by a compile for the
 target: the launcher's own arguments give the signature, constexprs and specialisation a GPU
 launch would. Run by tests/model/test_triton_aot.py in a fresh process (TRITON_INTERPRET unset):
@@ -36,9 +39,13 @@ from ernie_cluster.attention.triton_decode import MAX_SPLITS, decode_attention
 from ernie_cluster.attention.triton_prefill import prefill_attention
 from ernie_cluster.model import fused_moe, triton_moe, triton_router
 from ernie_cluster.model.triton_layers import rms_norm, rope_inplace, silu_and_mul
+from ernie_cluster.quantization import triton_gemm
+from ernie_cluster.quantization.schemes import scheme_for
+from ernie_cluster.quantization.weight import QuantizedWeight
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2560, 20, 4, 128
 EXPERTS, TOP_K, MOE_INTER, SHARED_INTER, DENSE_INTER = 64, 6, 1536, 3072, 12288
+QUANT_METHODS = ("wint8", "wint4", "fp8", "block_wise_fp8")
 TOKENS, BLOCK_SIZE, CONTEXT = 64, 16, 4096
 META = "meta"
 
@@ -61,6 +68,18 @@ def attention_meta(query_lens: list[int], context: int) -> AttentionMetadata:
     )
 
 
+def launch_moe(x: torch.Tensor, gate_up, down, dtype: torch.dtype) -> None:
+    """The fused-MoE kernels in every tile config, with and without routing weights."""
+    ids = empty(TOKENS, TOP_K, dtype=torch.int64)
+    counts = empty(EXPERTS, dtype=torch.int64)
+    for _, config in triton_moe.CONFIGS:
+        num_pairs = TOKENS * TOP_K
+        num_tiles = fused_moe.max_tiles(num_pairs, EXPERTS, config.block_m)
+        tiles = triton_router.sort_to_tiles(ids, 0, EXPERTS, config.block_m, num_tiles, counts)
+        for weights in (empty(TOKENS, TOP_K, dtype=dtype), None):
+            triton_moe.run_experts(x, *tiles, weights, gate_up, down, TOP_K, config)
+
+
 def launch_everything(dtype: torch.dtype) -> None:
     """Every launcher, in every configuration it can select, for activations in `dtype`."""
     x = empty(TOKENS, HIDDEN, dtype=dtype)
@@ -81,13 +100,7 @@ def launch_everything(dtype: torch.dtype) -> None:
         empty(EXPERTS, 2 * MOE_INTER, HIDDEN, dtype=dtype),
         empty(EXPERTS, HIDDEN, MOE_INTER, dtype=dtype),
     )
-    counts = empty(EXPERTS, dtype=torch.int64)
-    for _, config in triton_moe.CONFIGS:
-        num_pairs = TOKENS * TOP_K
-        num_tiles = fused_moe.max_tiles(num_pairs, EXPERTS, config.block_m)
-        tiles = triton_router.sort_to_tiles(ids, 0, EXPERTS, config.block_m, num_tiles, counts)
-        for weights in (empty(TOKENS, TOP_K, dtype=dtype), None):
-            triton_moe.run_experts(x, *tiles, weights, gate_up, down, TOP_K, config)
+    launch_moe(x, gate_up, down, dtype)
     weighted = empty(TOKENS * TOP_K, HIDDEN, dtype=dtype)
     for all_owned in (True, False):
         for add_to in (x, None):
@@ -103,6 +116,51 @@ def launch_everything(dtype: torch.dtype) -> None:
         decode_attention(q, kv_cache, decode, HEAD_DIM**-0.5, out, num_splits=num_splits)
     prefill = attention_meta([TOKENS], CONTEXT)
     prefill_attention(q, kv_cache, prefill, HEAD_DIM**-0.5, out)
+
+
+def launch_fp8_kv_cache(dtype: torch.dtype) -> None:
+    """The attention kernels over an e4m3 KV cache (--kv-cache-dtype fp8): the write, every
+    decode split path and prefill. sm_89+ only: Triton has no e4m3 below it, and the Triton
+    backend refuses an fp8 cache there (the torch backend serves it)."""
+    qkv = empty(TOKENS, (HEADS + 2 * KV_HEADS) * HEAD_DIM, dtype=dtype)
+    q, k, v = qkv.view(TOKENS, -1, HEAD_DIM).split([HEADS, KV_HEADS, KV_HEADS], dim=1)
+    kv_cache = empty(2, 512 * BLOCK_SIZE, KV_HEADS, HEAD_DIM, dtype=torch.float8_e4m3fn)
+    decode = attention_meta([1] * TOKENS, CONTEXT)
+    write_kv_triton(kv_cache, k, v, decode.slot_mapping)
+    out = empty(TOKENS, HEADS, HEAD_DIM, dtype=dtype)
+    for num_splits in (1, 2, MAX_SPLITS):
+        decode_attention(q, kv_cache, decode, HEAD_DIM**-0.5, out, num_splits=num_splits)
+    prefill_attention(q, kv_cache, attention_meta([TOKENS], CONTEXT), HEAD_DIM**-0.5, out)
+
+
+def quantized(method: str, *shape: int, dtype: torch.dtype) -> QuantizedWeight:
+    """A `meta` QuantizedWeight [*, N, K] of `method` with its default scale groups."""
+    scheme = scheme_for(method)
+    *lead, cols = shape
+    qweight = empty(*lead, cols // scheme.values_per_byte, dtype=scheme.storage)
+    scale = empty(*lead, cols // (scheme.group_size or cols), dtype=torch.float32)
+    return QuantizedWeight(qweight, scale, scheme, shape, dtype)
+
+
+def launch_quantized(dtype: torch.dtype) -> None:
+    """The quantized GEMMs in every tile config, each storage format: the dense layers' weights
+    (qkv, o_proj, shared experts, the dense MLP) and the routed experts."""
+    linears = [
+        ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
+        (HIDDEN, HEADS * HEAD_DIM),
+        (2 * SHARED_INTER, HIDDEN),
+        (HIDDEN, SHARED_INTER),
+        (2 * DENSE_INTER, HIDDEN),
+        (HIDDEN, DENSE_INTER),
+    ]
+    for method in QUANT_METHODS:
+        for num_tokens in (1, 64, 4096):  # one per tile config
+            for shape in linears:
+                x = empty(num_tokens, shape[1], dtype=dtype)
+                triton_gemm.quantized_matmul(x, quantized(method, *shape, dtype=dtype))
+        gate_up = quantized(method, EXPERTS, 2 * MOE_INTER, HIDDEN, dtype=dtype)
+        down = quantized(method, EXPERTS, HIDDEN, MOE_INTER, dtype=dtype)
+        launch_moe(empty(TOKENS, HIDDEN, dtype=dtype), gate_up, down, dtype)
 
 
 def resource_usage(cubin: bytes) -> dict[str, int]:
@@ -158,9 +216,14 @@ def main(arch: int) -> None:
         print(json.dumps(variant | {"shared": kernel.metadata.shared, **usage}), flush=True)
 
     JITFunction.run = compile_instead
+    # The launchers ask the device whether Triton has e4m3; here the target answers.
+    triton_gemm.loads_fp8_natively = lambda device: arch >= 89
     with torch.inference_mode():
         for dtype in (torch.bfloat16, torch.float32):
             launch_everything(dtype)
+            if arch >= 89:
+                launch_fp8_kv_cache(dtype)
+        launch_quantized(torch.bfloat16)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Every Triton kernel of the GPU path compiles ahead of time for sm_90a and sm_80 with Triton's
-own compiler (no GPU needed), in every configuration its launcher can select, without register
-spills and within the architecture's shared memory. The compiles run in a fresh process
-(tests/model/aot_compile.py): the interpreter that other tests switch on would replace them.
+own compiler (no GPU needed), in every configuration its launcher can select (quantized weights
+included), without register spills and within the architecture's shared memory. The compiles
+run in a fresh process (tests/model/aot_compile.py): the interpreter that other tests switch on
+would replace them.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ SCRIPT = Path(__file__).resolve().parent / "aot_compile.py"
 # Largest dynamic shared memory one block may opt into (CUDA programming guide, compute
 # capabilities): 227 KB on sm_90, 163 KB on sm_80.
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
-# Every kernel the GPU path launches (the model's, attention's and the routing ones).
+# Every kernel the GPU path launches (the model's, attention's, the routing ones and the
+# quantized GEMM's).
 KERNELS = {
     "_rms_norm_kernel",
     "_rope_kernel",
@@ -34,6 +36,7 @@ KERNELS = {
     "_decode_split_kernel",
     "_merge_splits_kernel",
     "_prefill_kernel",
+    "_quant_matmul_kernel",
 }
 
 
@@ -53,6 +56,12 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(arch):
     variants = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert {v["kernel"] for v in variants} == KERNELS
     assert len(variants) >= 50  # every config of every kernel, both dtypes
+    # The fp8 KV cache's attention kernels (sm_89+ only; the torch backend serves it below).
+    over_fp8 = {
+        v["kernel"] for v in variants if any("fp8e4nv" in t for t in v["signature"].values())
+    }
+    attention = {"_write_kv_kernel", "_decode_split_kernel", "_prefill_kernel"}
+    assert attention <= over_fp8 if arch >= 89 else not attention & over_fp8
     errors = [v for v in variants if "error" in v]
     assert not errors, errors
     # ptxas puts spilled registers on the stack (local memory): none may have any.
