@@ -12,13 +12,14 @@ Parts (`--parts`, comma-separated):
   logprob| of the chosen tokens, top-1 agreement and mean KL(unquantized || quantized).
 * calls: the demo model's held-out tool-call accuracy (and the other held-out scores of
   ernie_cluster_tools.demo_model.evaluate), per mode, with the offline engine at --world ranks.
-* server-calls: the same held-out scores through `ernie-cluster serve --no-ray-serve` (the demo
-  model at --world ranks) and the official openai client: the tool calls as the server's
-  parser returns them.
+* server-calls: the same held-out scores through a server (the one-process server at
+  --world 1, the Ray Serve application at more ranks) and the official openai client: the
+  tool calls as the server's parser returns them.
 * speed: CPU decode rate of the `mini` checkpoint per mode, the modes alternating (ABBA),
   --threads threads, output tokens/s and the ratio to unquantized in the same run.
 
-`python benchmarks/bench_quantization.py --parts bytes,accuracy,calls,speed`
+`python benchmarks/bench_quantization.py --parts bytes,accuracy,calls,speed` (and
+`--parts server-calls --world 2`)
 """
 
 from __future__ import annotations
