@@ -169,6 +169,11 @@ def assemble_scales(
     return scale
 
 
+def weight_kind(name: str) -> str:
+    """'experts' for a routed expert weight, else 'other' (the byte reports' split)."""
+    return "experts" if ".experts." in f".{name}." else "other"
+
+
 def weight_bytes(model: nn.Module) -> dict[str, int]:
     """Bytes of weights this rank holds now, by kind: routed experts and the rest (quantized
     weights at their resident size, prepacked CPU copies included)."""
@@ -176,14 +181,12 @@ def weight_bytes(model: nn.Module) -> dict[str, int]:
     seen: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, QuantizedWeight):
-            kind = "experts" if ".experts." in f".{name}." else "other"
-            sizes[kind] += module.resident_bytes()
+            sizes[weight_kind(name)] += module.resident_bytes()
             seen.update(id(t) for t in module.buffers())
     for name, param in model.named_parameters():
         if id(param) in seen:
             continue
-        kind = "experts" if ".experts." in f".{name}." else "other"
-        sizes[kind] += param.numel() * param.element_size()
+        sizes[weight_kind(name)] += param.numel() * param.element_size()
     return sizes
 
 
@@ -204,6 +207,5 @@ def planned_weight_bytes(model: nn.Module, method: str | None) -> dict[str, int]
                 scales = math.prod(shape[:-1]) * (shape[-1] // group) * 4
                 planned[f"{module_name}.{name}".lstrip(".")] = values + scales
     for name, param in model.named_parameters():
-        kind = "experts" if ".experts." in f".{name}." else "other"
-        sizes[kind] += planned.get(name, param.numel() * param.element_size())
+        sizes[weight_kind(name)] += planned.get(name, param.numel() * param.element_size())
     return sizes

@@ -53,6 +53,7 @@ class QuantizedWeight(nn.Module):
         self.cpu_int4: torch.Tensor | None = None  # [*, N, K/2] uint8, torch's CPU int4 layout
         self.cpu_scale_zeros: torch.Tensor | None = None  # [*, G, N, 2] in dtype
         self.cpu_dense: torch.Tensor | None = None  # [*, N, K] in dtype (fp8 on CPU)
+        self.cpu_row_scale: torch.Tensor | None = None  # [*, N] in dtype (wint8's kernel)
         if prepack_for_cpu and qweight.device.type == "cpu":
             self._prepack_for_cpu()
 
@@ -76,7 +77,7 @@ class QuantizedWeight(nn.Module):
 
     def resident_bytes(self) -> int:
         """Bytes this weight holds on its device now, prepacked copies included."""
-        extra = (self.cpu_int4, self.cpu_scale_zeros, self.cpu_dense)
+        extra = (self.cpu_int4, self.cpu_scale_zeros, self.cpu_row_scale)
         if self.cpu_dense is not None:  # fp8 on CPU keeps only the dense copy
             return self.cpu_dense.numel() * self.cpu_dense.element_size()
         return self.nbytes() + sum(t.numel() * t.element_size() for t in extra if t is not None)
@@ -95,6 +96,10 @@ class QuantizedWeight(nn.Module):
             # No CPU kernel for these (fp8; int8 with several scales per row, from a
             # checkpoint): the values stay reachable through cpu_dense alone.
             self.qweight = self.qweight.new_empty((0,))
+            return
+        if self.scheme.name == "wint8":
+            # Cast once here, not on every step's call.
+            self.cpu_row_scale = self.scale[..., 0].to(self.dtype).contiguous()
             return
         if self.scheme.name != "wint4":
             return
@@ -155,9 +160,10 @@ def _cpu_matmul(weight: QuantizedWeight, expert: int | None, x: torch.Tensor) ->
     """x [M, K] in the model dtype -> [M, N] in x's dtype."""
     if weight.cpu_dense is not None:
         return F.linear(x, _pick(weight.cpu_dense, expert))
+    if weight.cpu_row_scale is not None:
+        row_scale = _pick(weight.cpu_row_scale, expert)
+        return torch._weight_int8pack_mm(x, _pick(weight.qweight, expert), row_scale)
     scale = _pick(weight.scale, expert)  # [N, G]
-    if weight.scheme.name == "wint8" and scale.shape[-1] == 1:
-        return torch._weight_int8pack_mm(x, _pick(weight.qweight, expert), scale[:, 0].to(x.dtype))
     if weight.cpu_int4 is not None:
         return torch._weight_int4pack_mm_for_cpu(
             x,
