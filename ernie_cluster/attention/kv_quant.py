@@ -3,7 +3,8 @@ carries, and the torch quantize / dequantize that every backend must reproduce.
 
 A write stores e4m3(clamp(x / scale, +-448)); a read gives (e4m3.float() * scale) rounded to
 the compute dtype. Scales are one float for K and one for V per attention layer, carried by
-the layer's cache tensor (1.0 unless the model's attention layer holds the checkpoint's).
+the layer's cache tensor: 1.0, or the checkpoint's (a compressed-tensors `kv_cache_scheme`,
+which the loader puts on the attention layer with `set_layer_kv_scales`).
 Never allocates caches (worker/model_runner does) and imports no triton.
 """
 
@@ -34,6 +35,15 @@ def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch
 
 def is_fp8(kv_cache: torch.Tensor) -> bool:
     return kv_cache.dtype == FP8_KV_DTYPE
+
+
+def set_layer_kv_scales(attn: object, k_scale: float, v_scale: float) -> None:
+    """Give an attention layer a checkpoint's calibrated scales (read by `layer_kv_scales`
+    when its cache is allocated)."""
+    for name, value in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name} must be a positive finite float, got {value}")
+    attn.k_scale, attn.v_scale = float(k_scale), float(v_scale)
 
 
 def layer_kv_scales(attn: object) -> tuple[float, float]:

@@ -10,7 +10,12 @@ What a checkpoint says: `config.json`'s `quantization_config` (`quant_method:
   and int8 after flipping the top bit); `P.weight_scale` [N, K / group] or [N, 1]; `P.weight_shape`.
 * float-quantized / naive-quantized (FP8, FP8_DYNAMIC, FP8_BLOCK): `P.weight` float8_e4m3fn
   [N, K]; `P.weight_scale` [1] (tensor), [N, 1] (channel) or [ceil(N/b0), ceil(K/b1)] (block);
-  `P.input_scale` for static activation scales (unused: activations stay in the model dtype).
+  `P.input_scale` for static activation scales (unused: activations stay in the model dtype,
+  or are scaled per token by the W8A8 kernels, quantization/fp8_activations).
+
+A `kv_cache_scheme` (llm-compressor's fp8 KV cache: static per-tensor e4m3 scales for K, taken
+after RoPE, and V) adds `model.layers.N.self_attn.k_scale` and `v_scale`, one value each
+(`kv_scales`); the loader gives them to the attention layers when the KV cache is fp8.
 
 Dequantized, W = q * scale, the product rounded once to the model dtype: bit for bit what
 compressed-tensors' own `decompress` returns for a bfloat16 checkpoint (tests compare against
@@ -39,6 +44,8 @@ READABLE = (
     "channel or block (FP8, FP8_DYNAMIC, FP8_BLOCK)"
 )
 _AUXILIARY = ("weight_scale", "weight_shape", "input_scale")
+_KV_SCALES = ("k_scale", "v_scale")  # read by `kv_scales`, when the config declares them
+HONOURED_KV_SCHEME = "float 8-bit, per tensor, static, symmetric (llm-compressor's fp8 KV cache)"
 _UNSUPPORTED = {
     "weight_zero_point": "asymmetric weights (zero points)",
     "weight_g_idx": "activation-ordered groups (g_idx)",
@@ -56,6 +63,7 @@ class CheckpointQuantization:
     group_size: int | None
     block: tuple[int, int] | None
     description: str  # for logs and errors: "W4A16 (pack-quantized int4, group 128)"
+    has_kv_scales: bool = False  # per-layer k_scale / v_scale (kv_cache_scheme)
 
 
 def read_checkpoint_quantization(raw_config: dict) -> CheckpointQuantization | None:
@@ -117,9 +125,34 @@ def read_checkpoint_quantization(raw_config: dict) -> CheckpointQuantization | N
         f"group {group_size}" if group_size else (f"block {block}" if block else f"per {strategy}")
     )
     description = f"{fmt} {kind}{bits}, {detail}"
+    has_kv_scales = read_kv_cache_scheme(config.get("kv_cache_scheme"))
     return CheckpointQuantization(
-        ours, bits, kind == "float", strategy, group_size, block, description
+        ours, bits, kind == "float", strategy, group_size, block, description, has_kv_scales
     )
+
+
+def read_kv_cache_scheme(scheme: dict | None) -> bool:
+    """Whether a `kv_cache_scheme` gives per-layer fp8 K/V scales; raises ValueError, naming
+    what it read, for one we cannot honour (only static per-tensor e4m3 scales: the fp8 KV
+    cache keeps one scale for K and one for V per layer)."""
+    if not scheme:
+        return False
+    kind, bits, strategy = scheme.get("type"), scheme.get("num_bits"), scheme.get("strategy")
+    problems = []
+    if kind != "float" or bits != 8:
+        problems.append(f"{kind}{bits} values")
+    if strategy != "tensor":
+        problems.append(f"strategy {strategy!r}")
+    if scheme.get("dynamic"):
+        problems.append(f"dynamic {scheme['dynamic']!r} scales")
+    if not scheme.get("symmetric", True):
+        problems.append("asymmetric scales")
+    if problems:
+        raise ValueError(
+            f"unsupported kv_cache_scheme ({', '.join(problems)}; read {scheme}); we honour "
+            f"{HONOURED_KV_SCHEME}, with --kv-cache-dtype fp8"
+        )
+    return True
 
 
 @dataclass
@@ -141,7 +174,7 @@ class CompressedTensorsReader:
                 raise ValueError(
                     f"{name}: {_UNSUPPORTED[leaf]} are not supported; we read {READABLE}"
                 )
-            if leaf in _AUXILIARY:
+            if leaf in _AUXILIARY or (leaf in _KV_SCALES and self.quantization.has_kv_scales):
                 continue
             out[f"{prefix}.weight" if leaf == "weight_packed" else name] = file
         return out
@@ -211,6 +244,29 @@ class CompressedTensorsReader:
             return per_row[rows].contiguous(), block_cols
         groups = scale.shape[-1]
         return scale[rows].contiguous(), -(-full_cols // groups)
+
+    def kv_scales(self, num_layers: int) -> list[tuple[float, float]]:
+        """(k_scale, v_scale) of each of `num_layers` attention layers, as the checkpoint holds
+        them (`model.layers.N.self_attn.k_scale` / `v_scale`, one positive value each)."""
+        out = []
+        for layer in range(num_layers):
+            pair = []
+            for leaf in ("k_scale", "v_scale"):
+                name = f"model.layers.{layer}.self_attn.{leaf}"
+                if name not in self.files:
+                    raise ValueError(
+                        f"the checkpoint's kv_cache_scheme promises {leaf} per layer, but "
+                        f"{name!r} is missing"
+                    )
+                value = self._tensor(name)[:].float().flatten()
+                if value.numel() != 1 or not (value.isfinite().all() and value.item() > 0):
+                    raise ValueError(
+                        f"{name} must be one positive finite value (per-tensor), got "
+                        f"{value.tolist()}"
+                    )
+                pair.append(value.item())
+            out.append((pair[0], pair[1]))
+        return out
 
     def close(self) -> None:
         self._handles.clear()

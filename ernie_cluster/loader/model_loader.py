@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ernie_cluster.attention.backend import AttentionBackend
+from ernie_cluster.attention.kv_quant import FP8_KV_CACHE_DTYPES, set_layer_kv_scales
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import Communicator
 from ernie_cluster.loader.checkpoint_files import weight_map
@@ -41,10 +42,13 @@ def load_model(
     show_progress: bool = True,
     comm: Communicator | None = None,
     quantization: str | None = None,
+    kv_cache_dtype: str | None = None,
 ) -> Ernie4_5_MoeForCausalLM:
     """The rank's model with its weights loaded; `quantization` (a --quantization method)
     quantizes them online once loaded (quantization/apply). A pre-quantized checkpoint
-    (compressed-tensors, loader/compressed_tensors) keeps its own values and scales."""
+    (compressed-tensors, loader/compressed_tensors) keeps its own values and scales, and its
+    per-layer KV-cache scales go to the attention layers unless `kv_cache_dtype` (the
+    --kv-cache-dtype setting; None: not known here) says the cache is not fp8."""
     config = config or ErnieMoeConfig.from_pretrained(model_dir)
     torch_dtype = resolve_dtype(dtype, config)
     with torch.device(device):
@@ -68,6 +72,8 @@ def load_model(
         ignored=ignored,
         quantized=reader,
     )
+    if reader is not None and reader.quantization.has_kv_scales:
+        use_kv_scales(model, reader.kv_scales(len(model.layers)), kv_cache_dtype)
     if quantization is not None:
         given = None if reader is None else reader.pieces
         summary = quantize_model(model, quantization, model.comm, given_scales=given)
@@ -81,3 +87,30 @@ def load_model(
             summary.bytes_after / 1e6,
         )
     return model.eval()
+
+
+def use_kv_scales(
+    model: Ernie4_5_MoeForCausalLM, scales: list[tuple[float, float]], kv_cache_dtype: str | None
+) -> None:
+    """Each attention layer gets its (k_scale, v_scale) from the checkpoint, which an fp8 KV
+    cache uses (attention/kv_quant); with another cache they are dropped, and the log says so.
+    NOTE: kv_cache_dtype None (a caller that does not pass it) keeps them: a cache in the
+    model dtype ignores its scales anyway."""
+    if kv_cache_dtype is not None and kv_cache_dtype not in FP8_KV_CACHE_DTYPES:
+        logger.info(
+            "the checkpoint's KV-cache scales (kv_cache_scheme) are ignored: the KV cache is "
+            "%r; --kv-cache-dtype fp8 uses them",
+            kv_cache_dtype,
+        )
+        return
+    for layer, (k_scale, v_scale) in zip(model.layers, scales, strict=True):
+        set_layer_kv_scales(layer.self_attn, k_scale, v_scale)
+    k_scales, v_scales = [k for k, _ in scales], [v for _, v in scales]
+    logger.info(
+        "KV-cache scales from the checkpoint for %d layers: k %.3g..%.3g, v %.3g..%.3g",
+        len(scales),
+        min(k_scales),
+        max(k_scales),
+        min(v_scales),
+        max(v_scales),
+    )

@@ -7,7 +7,9 @@ pair's own row (`triton_router.combine` adds the k slots of a token afterwards, 
 tile layout comes from `triton_router.sort_to_tiles` (or `fused_moe.align_to_tiles`). Quantized
 expert weights (quantization/weight) are dequantized in the kernels' weight tiles by the helpers
 of quantization/triton_gemm, under constexpr flags, so the unquantized kernels compile as they
-did. Triton is imported only when a kernel is first used, so the package imports without it.
+did; with W8A8 (e4m3 experts on sm_89+, quantization/fp8_activations) gate_up reads x quantized
+per token and down reads the SwiGLU output quantized per row (quantization/triton_fp8_rows).
+Triton is imported only when a kernel is first used, so the package imports without it.
 """
 
 from __future__ import annotations
@@ -99,14 +101,20 @@ def _kernels():
 
     # NOTE: bound as module globals: the interpreter runs a kernel with its module's globals
     # only (no closure), and the helpers' module imports triton, so it loads here, not above.
-    global channel_scaled, dequant_dot
-    from ernie_cluster.quantization.triton_gemm import channel_scaled, dequant_dot
+    global channel_scaled, dequant_dot, fp8_dot, rows_scaled
+    from ernie_cluster.quantization.triton_gemm import (
+        channel_scaled,
+        dequant_dot,
+        fp8_dot,
+        rows_scaled,
+    )
 
     @triton.jit
     def gate_up_kernel(
-        x_ptr,  # [M, H]
+        x_ptr,  # [M, H] (e4m3 for A_FP8)
         w_ptr,  # [E, 2I, H], gate rows first (quantized: qweight, H / 2 bytes for int4)
         s_ptr,  # [E, 2I, G] float32 scales (quantized only; None otherwise)
+        xs_ptr,  # [M] float32 row scales of x (A_FP8 only; None otherwise)
         act_ptr,  # [T * BLOCK_M, I] out: silu(gate) * up per padded row, x.dtype
         tile_pairs_ptr,  # [T * BLOCK_M] pair id, num_pairs on padding rows
         tile_experts_ptr,  # [T] local expert, -1 on unused tiles
@@ -126,6 +134,7 @@ def _kernels():
         PRECISION: tl.constexpr,
         WFORMAT: tl.constexpr,  # "" or a quantization/triton_gemm format
         GROUP_SIZE: tl.constexpr,  # columns per scale, 0: one per row
+        A_FP8: tl.constexpr,  # W8A8: x and the weights are e4m3
     ):
         tile = tl.program_id(0)
         expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
@@ -182,19 +191,32 @@ def _kernels():
                     q_mask = n_ok[:, None] & (offs_kq < (hidden - k_start) // PACK)[None, :]
                 if UPCAST:
                     a = a.to(tl.float32)
-                acc_gate = dequant_dot(
-                    acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, offs_k, k_start, hidden,
-                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-                )  # fmt: skip
-                acc_up = dequant_dot(
-                    acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, offs_k, k_start, hidden,
-                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-                )  # fmt: skip
+                if A_FP8:
+                    acc_gate = fp8_dot(
+                        acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, k_start,
+                        GROUP_SIZE, BLOCK_K, UPCAST,
+                    )  # fmt: skip
+                    acc_up = fp8_dot(
+                        acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, k_start,
+                        GROUP_SIZE, BLOCK_K, UPCAST,
+                    )  # fmt: skip
+                else:
+                    acc_gate = dequant_dot(
+                        acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, offs_k, k_start, hidden,
+                        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+                    )  # fmt: skip
+                    acc_up = dequant_dot(
+                        acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, offs_k, k_start, hidden,
+                        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+                    )  # fmt: skip
                 a_ptrs += BLOCK_K
                 g_ptrs += BLOCK_K // PACK
                 u_ptrs += BLOCK_K // PACK
             acc_gate = channel_scaled(acc_gate, gs_ptrs, n_ok, WFORMAT, GROUP_SIZE)
             acc_up = channel_scaled(acc_up, us_ptrs, n_ok, WFORMAT, GROUP_SIZE)
+            if A_FP8:  # each pair's row is its token's
+                acc_gate = rows_scaled(acc_gate, xs_ptr + tokens, row_ok)
+                acc_up = rows_scaled(acc_up, xs_ptr + tokens, row_ok)
         # Rounded where the unfused ops round (gate, up, silu(gate)), to stay close to them.
         dtype = act_ptr.dtype.element_ty
         gate = acc_gate.to(dtype).to(tl.float32)
@@ -207,10 +229,11 @@ def _kernels():
 
     @triton.jit
     def down_kernel(
-        act_ptr,  # [T * BLOCK_M, I]
+        act_ptr,  # [T * BLOCK_M, I] (e4m3 for A_FP8)
         w_ptr,  # [E, H, I] (quantized: qweight, I / 2 bytes for int4)
         s_ptr,  # [E, H, G] float32 scales (quantized only; None otherwise)
-        out_ptr,  # [P, H] out, act's dtype: weighted output of each owned pair
+        as_ptr,  # [T * BLOCK_M] float32 row scales of act (A_FP8 only; None otherwise)
+        out_ptr,  # [P, H] out, the activation dtype: weighted output of each owned pair
         tile_pairs_ptr,
         tile_experts_ptr,
         weights_ptr,  # [P] routing weight of each pair (unused without HAS_WEIGHTS)
@@ -230,6 +253,7 @@ def _kernels():
         PRECISION: tl.constexpr,
         WFORMAT: tl.constexpr,
         GROUP_SIZE: tl.constexpr,
+        A_FP8: tl.constexpr,
     ):
         tile = tl.program_id(0)
         expert = tl.load(tile_experts_ptr + tile).to(tl.int64)
@@ -275,17 +299,24 @@ def _kernels():
                     q_mask = n_ok[:, None] & (offs_kq < (inter - k_start) // PACK)[None, :]
                 if UPCAST:
                     a = a.to(tl.float32)
-                acc = dequant_dot(
-                    acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, inter,
-                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-                )  # fmt: skip
+                if A_FP8:
+                    acc = fp8_dot(
+                        acc, a, q_ptrs, q_mask, s_ptrs, n_ok, k_start, GROUP_SIZE, BLOCK_K, UPCAST
+                    )
+                else:
+                    acc = dequant_dot(
+                        acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, inter,
+                        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+                    )  # fmt: skip
                 a_ptrs += BLOCK_K
                 q_ptrs += BLOCK_K // PACK
             acc = channel_scaled(acc, s_ptrs, n_ok, WFORMAT, GROUP_SIZE)
+            if A_FP8:
+                acc = rows_scaled(acc, as_ptr + offs_m, row_ok)
         # NOTE: the expert output and its weighted product are each rounded to the activation
-        # dtype (act's), as fused_moe.fused_experts specifies, so every path and every world
+        # dtype (out's), as fused_moe.fused_experts specifies, so every path and every world
         # size adds the same float32 products.
-        dtype = act_ptr.dtype.element_ty
+        dtype = out_ptr.dtype.element_ty
         out = acc.to(dtype)
         if HAS_WEIGHTS:
             weight = tl.load(weights_ptr + pairs, mask=row_ok, other=0.0).to(dtype)
@@ -309,15 +340,18 @@ def run_experts(
     """x [M, H], tiles from `align_to_tiles(block_m=config.block_m)`, topk_weights [M, k] or
     None, gate_up [E, 2I, H], down [E, H, I] (plain, or quantized: dequantized in the kernels)
     -> [M * k, H] in x's dtype (float32 when interpreted): w * expert(x) per owned pair; rows
-    of pairs not owned here are left unset (`combine` skips them)."""
+    of pairs not owned here are left unset (`combine` skips them). A W8A8 weight
+    (triton_gemm.runs_w8a8) takes its input quantized per row: one launch more each."""
     gate_up_kernel, down_kernel, interpreted = _kernels()
     num_pairs = x.shape[0] * top_k
     hidden, inter = x.shape[1], down.shape[2]
     num_tiles = tile_experts.numel()
     block_m = config.block_m
     x = x.contiguous()
-    gate_up, gate_up_scale, gate_up_format, gate_up_group = _weight_operands(gate_up, x.device)
-    down, down_scale, down_format, down_group = _weight_operands(down, x.device)
+    gate_up, gate_up_scale, gate_up_format, gate_up_group, gate_up_fp8 = _weight_operands(
+        gate_up, x.device
+    )
+    down, down_scale, down_format, down_group, down_fp8 = _weight_operands(down, x.device)
     # The interpreter computes bfloat16 wrongly (dots, and casts truncate), so under it the
     # kernels upcast their operands and keep act and out in float32, which also turns the
     # in-kernel roundings to act's dtype into no-ops. float32 operands get exact (not TF32) dots.
@@ -329,11 +363,17 @@ def run_experts(
     act = torch.empty(num_tiles * block_m, inter, dtype=act_dtype, device=x.device)
     precision = "ieee" if upcast else dot_precision(x.dtype)
     wide = x.element_size() > 2
-    cfg = _fit_groups(for_operands(config.gate_up, wide, accumulators=2), gate_up_group)
+    x_scale = None
+    if gate_up_fp8:  # each token's row quantized once, for all of its k pairs
+        x, x_scale = _quantize_rows(x)  # [M, H] e4m3, [M]
+    cfg = _fit_groups(
+        for_operands(config.gate_up, wide and not gate_up_fp8, accumulators=2), gate_up_group
+    )
     gate_up_kernel[(num_tiles, -(-inter // cfg.block_n))](
         x,
         gate_up,
         gate_up_scale,
+        x_scale,
         act,
         tile_pairs,
         tile_experts,
@@ -353,15 +393,20 @@ def run_experts(
         PRECISION=precision,
         WFORMAT=gate_up_format,
         GROUP_SIZE=gate_up_group,
+        A_FP8=gate_up_fp8,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     weights = out if topk_weights is None else topk_weights.reshape(-1).contiguous()
-    cfg = _fit_groups(for_operands(config.down, wide, accumulators=1), down_group)
+    act_scale = None
+    if down_fp8:  # the rows of used tiles; padding rows are zeros
+        act, act_scale = _quantize_rows(act, tile_experts, block_m)  # [T * BM, I] e4m3, [T * BM]
+    cfg = _fit_groups(for_operands(config.down, wide and not down_fp8, accumulators=1), down_group)
     down_kernel[(num_tiles, -(-hidden // cfg.block_n))](
         act,
         down,
         down_scale,
+        act_scale,
         out,
         tile_pairs,
         tile_experts,
@@ -382,6 +427,7 @@ def run_experts(
         PRECISION=precision,
         WFORMAT=down_format,
         GROUP_SIZE=down_group,
+        A_FP8=down_fp8,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -390,13 +436,22 @@ def run_experts(
 
 def _weight_operands(
     weight: torch.Tensor | QuantizedWeight, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor | None, str, int]:
-    """(weight or qweight, scales or None, WFORMAT, GROUP_SIZE) of a kernel's expert weights."""
+) -> tuple[torch.Tensor, torch.Tensor | None, str, int, bool]:
+    """(weight or qweight, scales or None, WFORMAT, GROUP_SIZE, A_FP8) of a kernel's expert
+    weights."""
     if isinstance(weight, torch.Tensor):
-        return weight.contiguous(), None, "", 0
-    from ernie_cluster.quantization.triton_gemm import kernel_operands
+        return weight.contiguous(), None, "", 0, False
+    from ernie_cluster.quantization.triton_gemm import kernel_operands, runs_w8a8
 
-    return kernel_operands(weight, None, device)
+    qweight, scale, fmt, group_size = kernel_operands(weight, None, device)
+    return qweight, scale, fmt, group_size, runs_w8a8(weight, group_size, device)
+
+
+def _quantize_rows(x: torch.Tensor, *tiles) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8's activation rows (quantization/triton_fp8_rows), imported with triton."""
+    from ernie_cluster.quantization.triton_fp8_rows import quantize_rows
+
+    return quantize_rows(x, *tiles)
 
 
 def _fit_groups(kernel: KernelConfig, group_size: int) -> KernelConfig:

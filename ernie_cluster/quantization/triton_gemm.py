@@ -1,26 +1,30 @@
-"""Triton GEMM by a quantized weight, dequantized inside the kernel (W8A16 / W4A16): x [M, K] in
-the model dtype times W [N, K]^T stored in the canonical layout of quantization/schemes, with
-float32 accumulation, for the CUDA path of quantization/weight.
+"""Triton GEMM by a quantized weight, dequantized inside the kernel: x [M, K] in the model dtype
+times W [N, K]^T stored in the canonical layout of quantization/schemes, with float32
+accumulation, for the CUDA path of quantization/weight.
 
 Owns the dense kernel, its tile configs and the `tl` helpers that load and scale a weight tile,
-which the fused-MoE kernels (model/triton_moe) share. One scale per row: the dot takes the exact
-quantized values (int8, int4 and e4m3 are exact in bf16, fp16 and fp32) and the scales multiply
-the float32 accumulator. Scale groups: each weight tile is dequantized in float32 and rounded
-once to the activation dtype for the dot (a second accumulator per group measured as register
-spills in the AOT compile). Imports triton: load it only on the Triton path (on CPU tensors
-only under TRITON_INTERPRET=1, for tests).
+which the fused-MoE kernels (model/triton_moe) share. W8A16 / W4A16: one scale per row: the dot
+takes the exact quantized values (int8, int4 and e4m3 are exact in bf16, fp16 and fp32) and the
+scales multiply the float32 accumulator. Scale groups: each weight tile is dequantized in
+float32 and rounded once to the activation dtype for the dot (a second accumulator per group
+measured as register spills in the AOT compile). W8A8 (e4m3 weights where
+quantization/fp8_activations.fp8_variant says so): x comes quantized per row
+(quantization/triton_fp8_rows), the dot is e4m3 x e4m3, and the accumulator is scaled by the row's
+scale and the weight's (per row, or per group on each K step's partial product). Imports
+triton: load it only on the Triton path (on CPU tensors only under TRITON_INTERPRET=1, for tests).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
+from ernie_cluster.quantization import fp8_activations
 from ernie_cluster.quantization.schemes import Scheme
+from ernie_cluster.quantization.triton_fp8_rows import quantize_rows
 from ernie_cluster.quantization.weight import QuantizedWeight
 from ernie_cluster.triton_env import dot_precision, interpreting
 from ernie_cluster.triton_rounding import rounded
@@ -72,30 +76,27 @@ def for_operands(config: GemmConfig, wide: bool) -> GemmConfig:
     return replace(config, block_n=min(config.block_n, 64), block_k=16, num_stages=2)
 
 
-@functools.cache
-def _cuda_capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
-def loads_fp8_natively(device: torch.device) -> bool:
-    """Whether Triton loads e4m3 weights as its fp8e4nv type on `device`: from sm_89 (Triton
-    refuses the type below), and in the interpreter, which converts e4m3 itself. Elsewhere the
-    kernels read the bytes and decode them (format "fp8bits")."""
-    if device.type != "cuda":
-        return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _cuda_capability(index) >= (8, 9)
-
-
 def weight_format(scheme: Scheme, device: torch.device) -> str:
     """The kernels' WFORMAT for a scheme's storage on `device`: "int8" and "fp8" load as they
     are, "int4" two per byte, "fp8bits" decodes e4m3 from its bytes where Triton has no e4m3
-    type. (The MoE kernels take "" for an unquantized weight.)"""
+    type (fp8_activations.fp8_variant "w8a16-bytes"). (The MoE kernels take "" for an
+    unquantized weight.)"""
     if scheme.name == "wint8":
         return "int8"
     if scheme.name == "wint4":
         return "int4"
-    return "fp8" if loads_fp8_natively(device) else "fp8bits"
+    return "fp8bits" if fp8_activations.fp8_variant(device) == "w8a16-bytes" else "fp8"
+
+
+def runs_w8a8(weight: QuantizedWeight, group_size: int, device: torch.device) -> bool:
+    """Whether the kernels multiply `weight` (GROUP_SIZE `group_size`) by fp8 activations on
+    `device`: an e4m3 weight where the device's variant is "w8a8" and each K step lies in one
+    scale group (fp8_activations.MIN_GROUP_FOR_W8A8)."""
+    return (
+        weight.scheme.storage == torch.float8_e4m3fn
+        and fp8_activations.fp8_variant(device) == "w8a8"
+        and group_size % fp8_activations.MIN_GROUP_FOR_W8A8 == 0
+    )
 
 
 def kernel_operands(
@@ -188,6 +189,42 @@ def channel_scaled(acc, s_ptrs, n_ok, WFORMAT: tl.constexpr, GROUP_SIZE: tl.cons
 
 
 @triton.jit
+def fp8_dot(
+    acc,  # [BM, BN] float32
+    a,  # [BM, BK] e4m3 activation values (float32 holding them when UPCAST)
+    q_ptrs,  # [BN, BK] e4m3 weight values, rows n, columns k_start..
+    q_mask,
+    s_ptrs,  # [BN] float32: first scale of each row n
+    n_ok,  # [BN]
+    k_start,
+    GROUP_SIZE: tl.constexpr,  # 0: one scale per row, applied by `channel_scaled`
+    BLOCK_K: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
+    """W8A8: acc + a @ q[n, k_start:k_start + BK]^T in float32; with scale groups, the step's
+    product times each row's scale of its group (a step lies in one group)."""
+    values = tl.load(q_ptrs, mask=q_mask, other=0.0)  # [BN, BK] e4m3
+    if UPCAST:
+        # The interpreter: e4m3 products and their sums are exact in an ieee float32 dot.
+        product = tl.dot(a, tl.trans(values.to(tl.float32)), input_precision="ieee")
+    else:
+        # NOTE: Hopper's fp8 MMA adds into an accumulator narrower than float32, and Triton's
+        # sm_90 default promotes it never; here it is added into float32 every K step.
+        product = tl.dot(a, tl.trans(values), max_num_imprecise_acc=BLOCK_K)
+    if GROUP_SIZE == 0:
+        return acc + product
+    scale = tl.load(s_ptrs + k_start // GROUP_SIZE, mask=n_ok, other=0.0)  # [BN]
+    return acc + product * scale[None, :]
+
+
+@triton.jit
+def rows_scaled(acc, a_scale_ptrs, row_ok):
+    """W8A8: acc [BM, BN] times each activation row's scale ([BM] pointers)."""
+    a_scale = tl.load(a_scale_ptrs, mask=row_ok, other=0.0)  # [BM]
+    return acc * a_scale[:, None]
+
+
+@triton.jit
 def _unit(WFORMAT: tl.constexpr):
     """What `_weight_values` leaves out of a value: 2^8 for "fp8bits" (a power of two, exact
     on the scales, where it costs one multiply per row instead of one per weight), else 1."""
@@ -196,10 +233,11 @@ def _unit(WFORMAT: tl.constexpr):
 
 @triton.jit
 def _quant_matmul_kernel(
-    x_ptr,  # [M, K]
+    x_ptr,  # [M, K] (e4m3 for A_FP8)
     q_ptr,  # [N, K] (int8, e4m3) or [N, K / 2] (int4 bytes, e4m3 bytes for fp8bits: [N, K])
     s_ptr,  # [N, G] float32
-    out_ptr,  # [M, N], x's dtype
+    xs_ptr,  # [M] float32 row scales of x (A_FP8 only; None otherwise)
+    out_ptr,  # [M, N], the model's dtype
     num_rows,
     num_out,
     num_cols,
@@ -209,6 +247,7 @@ def _quant_matmul_kernel(
     stride_om,
     WFORMAT: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
+    A_FP8: tl.constexpr,  # W8A8: x and the weight are e4m3 (WFORMAT "fp8")
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -240,13 +279,20 @@ def _quant_matmul_kernel(
             q_mask = n_ok[:, None] & (offs_kq < (num_cols - k_start) // PACK)[None, :]
         if UPCAST:
             a = a.to(tl.float32)
-        acc = dequant_dot(
-            acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, num_cols,
-            WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-        )  # fmt: skip
+        if A_FP8:
+            acc = fp8_dot(
+                acc, a, q_ptrs, q_mask, s_ptrs, n_ok, k_start, GROUP_SIZE, BLOCK_K, UPCAST
+            )
+        else:
+            acc = dequant_dot(
+                acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, num_cols,
+                WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+            )  # fmt: skip
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // PACK
     acc = channel_scaled(acc, s_ptrs, n_ok, WFORMAT, GROUP_SIZE)
+    if A_FP8:
+        acc = rows_scaled(acc, xs_ptr + offs_m, m_ok)
     dtype = out_ptr.dtype.element_ty
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     tl.store(out_ptrs, rounded(acc, dtype, INTERPRETED), mask=m_ok[:, None] & n_ok[None, :])
@@ -257,7 +303,8 @@ def quantized_matmul(
 ) -> torch.Tensor:
     """x [M, K] (bf16, fp16 or fp32) times W^T -> [M, N] in x's dtype; W [N, K] is `weight`,
     or expert `expert` of a stacked [E, N, K] one. CUDA tensors, or CPU ones under
-    TRITON_INTERPRET=1 (built with prepack_for_cpu=False)."""
+    TRITON_INTERPRET=1 (built with prepack_for_cpu=False). W8A8 (`runs_w8a8`) quantizes x's
+    rows to e4m3 first, one launch more."""
     interpreted = interpreting()
     if x.device.type == "cpu" and not interpreted:
         raise ValueError(f"quantized_matmul runs on CUDA tensors; got x on {x.device}")
@@ -273,6 +320,10 @@ def quantized_matmul(
     if num_rows == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()
+    a_fp8 = runs_w8a8(weight, group_size, x.device)
+    x_scale = None
+    if a_fp8:
+        x, x_scale = quantize_rows(x)  # [M, K] e4m3, [M]
     # The interpreter computes bfloat16 wrongly (dots, and casts truncate): it upcasts the
     # operands, runs exact dots and rounds the result as a GPU would (triton_rounding).
     config = for_operands(pick_config(num_rows), wide=x.element_size() > 2)
@@ -282,6 +333,7 @@ def quantized_matmul(
         x,
         qweight,
         scale,
+        x_scale,
         out,
         num_rows,
         num_out,
@@ -292,6 +344,7 @@ def quantized_matmul(
         out.stride(0),
         WFORMAT=fmt,
         GROUP_SIZE=group_size,
+        A_FP8=a_fp8,
         BLOCK_M=config.block_m,
         BLOCK_N=config.block_n,
         BLOCK_K=block_k,

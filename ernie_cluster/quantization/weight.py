@@ -6,7 +6,8 @@ quantization/schemes as buffers, so `.to(device)` and `state_dict` see them. Mod
 `linear(x, weight)`, which takes either kind.
 
 Per device:
-* CUDA: the Triton GEMM that dequantizes in the kernel (quantization/triton_gemm).
+* CUDA: the Triton GEMM that dequantizes in the kernel (quantization/triton_gemm); e4m3
+  weights with per-token e4m3 activations (W8A8) from sm_89 (quantization/fp8_activations).
 * CPU: wint8 runs torch's weight-only int8 kernel (`_weight_int8pack_mm`: int8 weights,
   per-channel scales, activations in the model dtype); wint4 runs torch's int4 CPU kernel on a
   copy packed for it once, here, at quantization time (`_weight_int4pack_mm_for_cpu`); fp8 has

@@ -53,6 +53,7 @@ class Worker:
             comm=comm,
             backend=get_attention_backend(config.attention_backend, self.device),
             quantization=config.quantization,
+            kv_cache_dtype=config.kv_cache_dtype,
         )
         # NOTE: a max_model_len beyond the checkpoint's max_position_embeddings needs more
         # RoPE rows than the model builds by default.

@@ -6,12 +6,15 @@ Each launcher runs as the model would call it, on `meta` tensors of the real mod
 per configuration its code can select (MoE tile configs, decode split counts, prefill tiles,
 the kernels' flags, bfloat16 and float32: the engine's --dtype can pick either on a GPU), and
 the quantized GEMMs (quantization/triton_gemm, the quantized MoE variants) for each storage
-format with bfloat16 activations; e4m3 weights are decoded from their bytes on sm_80, where
-Triton refuses its fp8e4nv type.
+format with bfloat16 activations. e4m3 weights run as the target's
+quantization/fp8_activations.fp8_variant says: W8A8 (activation rows quantized to e4m3, fp8
+dots) from sm_89, and there also W8A16 with e4m3 loads (scale groups W8A8 cannot take); decoded
+from their bytes with model-dtype activations on sm_80, where Triton refuses its fp8e4nv type.
 `JITFunction.run` is replaced by a compile for the
 target: the launcher's own arguments give the signature, constexprs and specialisation a GPU
 launch would. Run by tests/model/test_triton_aot.py in a fresh process (TRITON_INTERPRET unset):
-`python tests/model/aot_compile.py 90`.
+`python tests/model/aot_compile.py 90`, or `python tests/model/aot_compile.py 89 w8a8` for the
+W8A8 kernels alone.
 """
 
 from __future__ import annotations
@@ -39,13 +42,14 @@ from ernie_cluster.attention.triton_decode import MAX_SPLITS, decode_attention
 from ernie_cluster.attention.triton_prefill import prefill_attention
 from ernie_cluster.model import fused_moe, triton_moe, triton_router
 from ernie_cluster.model.triton_layers import rms_norm, rope_inplace, silu_and_mul
-from ernie_cluster.quantization import triton_gemm
+from ernie_cluster.quantization import fp8_activations, triton_gemm
 from ernie_cluster.quantization.schemes import scheme_for
 from ernie_cluster.quantization.weight import QuantizedWeight
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 2560, 20, 4, 128
 EXPERTS, TOP_K, MOE_INTER, SHARED_INTER, DENSE_INTER = 64, 6, 1536, 3072, 12288
 QUANT_METHODS = ("wint8", "wint4", "fp8", "block_wise_fp8")
+FP8_METHODS = ("fp8", "block_wise_fp8")
 TOKENS, BLOCK_SIZE, CONTEXT = 64, 16, 4096
 META = "meta"
 
@@ -142,9 +146,9 @@ def quantized(method: str, *shape: int, dtype: torch.dtype) -> QuantizedWeight:
     return QuantizedWeight(qweight, scale, scheme, shape, dtype)
 
 
-def launch_quantized(dtype: torch.dtype) -> None:
-    """The quantized GEMMs in every tile config, each storage format: the dense layers' weights
-    (qkv, o_proj, shared experts, the dense MLP) and the routed experts."""
+def launch_quantized(dtype: torch.dtype, methods: tuple[str, ...] = QUANT_METHODS) -> None:
+    """The quantized GEMMs in every tile config, each storage format of `methods`: the dense
+    layers' weights (qkv, o_proj, shared experts, the dense MLP) and the routed experts."""
     linears = [
         ((HEADS + 2 * KV_HEADS) * HEAD_DIM, HIDDEN),
         (HIDDEN, HEADS * HEAD_DIM),
@@ -153,7 +157,7 @@ def launch_quantized(dtype: torch.dtype) -> None:
         (2 * DENSE_INTER, HIDDEN),
         (HIDDEN, DENSE_INTER),
     ]
-    for method in QUANT_METHODS:
+    for method in methods:
         for num_tokens in (1, 64, 4096):  # one per tile config
             for shape in linears:
                 x = empty(num_tokens, shape[1], dtype=dtype)
@@ -176,7 +180,8 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     return {key: int(value) for key, value in re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", line)}
 
 
-def main(arch: int) -> None:
+def main(arch: int, parts: str = "all") -> None:
+    """Compiles for sm_`arch`: every kernel (`parts` "all"), or the W8A8 ones alone ("w8a8")."""
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     seen: set[str] = set()
@@ -216,15 +221,24 @@ def main(arch: int) -> None:
         print(json.dumps(variant | {"shared": kernel.metadata.shared, **usage}), flush=True)
 
     JITFunction.run = compile_instead
-    # The launchers ask the device whether Triton has e4m3; here the target answers.
-    triton_gemm.loads_fp8_natively = lambda device: arch >= 89
+    # The launchers ask the device how it runs e4m3 weights; here the target answers.
+    variant = {"now": "w8a8" if arch >= 89 else "w8a16-bytes"}
+    fp8_activations.fp8_variant = lambda device: variant["now"]
     with torch.inference_mode():
+        if parts == "w8a8":
+            if arch < 89:
+                raise ValueError(f"W8A8 runs on sm_89 and later, not sm_{arch}")
+            launch_quantized(torch.bfloat16, FP8_METHODS)
+            return
         for dtype in (torch.bfloat16, torch.float32):
             launch_everything(dtype)
             if arch >= 89:
                 launch_fp8_kv_cache(dtype)
         launch_quantized(torch.bfloat16)
+        if arch >= 89:  # e4m3 loads with model-dtype activations (groups W8A8 cannot take)
+            variant["now"] = "w8a16"
+            launch_quantized(torch.bfloat16, FP8_METHODS)
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), *sys.argv[2:3])

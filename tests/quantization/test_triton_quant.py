@@ -1,7 +1,8 @@
 """The Triton kernels that multiply by quantized weights (quantization/triton_gemm and the
 quantized variants of model/triton_moe) against a dequantize-then-matmul torch reference, for
 every storage format, scale groups larger than, equal to and smaller than a K step, float32 and
-bfloat16 activations.
+bfloat16 activations: the W8A16 / W4A16 variants (fp8 weights are pinned to W8A16 here, on a
+sm_89+ GPU too; test_triton_w8a8 covers W8A8).
 
 Without a GPU the kernels run in Triton's CPU interpreter on CPU tensors (the weights built
 without the CPU prepack, which would drop fp8's canonical layout); with one, on CUDA tensors.
@@ -21,7 +22,7 @@ import pytest
 pytest.importorskip("triton")
 
 from ernie_cluster.model import fused_moe
-from ernie_cluster.quantization import triton_gemm
+from ernie_cluster.quantization import fp8_activations, triton_gemm
 from ernie_cluster.quantization.schemes import (
     FP8_MAX,
     quantize,
@@ -31,6 +32,8 @@ from ernie_cluster.quantization.schemes import (
 from ernie_cluster.quantization.weight import QuantizedWeight
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The device's own variant, but model-dtype activations where it would run W8A8.
+W8A16 = fp8_activations.fp8_variant(torch.device(DEVICE)).replace("w8a8", "w8a16")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 
 # (method, group_size, K): per-row scales with K off the K step (masked tail), groups that are
@@ -47,6 +50,11 @@ CASES = [
     ("block_wise_fp8", 64, 192),
 ]
 CASE_IDS = [f"{method}-g{group}-k{cols}" for method, group, cols in CASES]
+
+
+@pytest.fixture(autouse=True)
+def _w8a16(monkeypatch):
+    monkeypatch.setattr(fp8_activations, "fp8_variant", lambda device: W8A16)
 
 
 def randn(*shape, seed=0, scale=1.0):
@@ -111,7 +119,8 @@ def test_every_stored_value_decodes_exactly(method, native_fp8, monkeypatch):
     """x = I picks W^T out of the kernel: every int8, int4 and finite e4m3 code (subnormals,
     both zeros, +-448) times scale 1 must come back exact, loaded as Triton's e4m3 type or
     decoded from its bits (sm < 89)."""
-    monkeypatch.setattr(triton_gemm, "loads_fp8_natively", lambda device: native_fp8)
+    variant = W8A16 if native_fp8 else "w8a16-bytes"
+    monkeypatch.setattr(fp8_activations, "fp8_variant", lambda device: variant)
     cols, rows = 64, 32
     if method == "fp8":
         codes = torch.arange(256, dtype=torch.int32)
@@ -219,7 +228,7 @@ def test_fused_experts_match_loop_over_dequantized_experts(method, group, num_to
 def test_fp8_decoded_from_bytes_as_on_sm80(method, group, monkeypatch):
     """The e4m3 path of GPUs without Triton's fp8 type: bytes decoded in the kernel, the 2^8 it
     leaves out folded into the scales (per row, and per group in both MoE kernels)."""
-    monkeypatch.setattr(triton_gemm, "loads_fp8_natively", lambda device: False)
+    monkeypatch.setattr(fp8_activations, "fp8_variant", lambda device: "w8a16-bytes")
     dtype = torch.bfloat16
     weight = make_weight(method, group, (96, 192), dtype)
     x = randn(5, 192, seed=1).to(DEVICE, dtype)
