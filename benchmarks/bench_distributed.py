@@ -41,7 +41,7 @@ class StubWorker(RayWorkerBase):
         if self.rank != 0:
             return None
         return ModelRunnerOutput(
-            sampled_token_ids=dict.fromkeys(scheduler_output.num_scheduled_tokens, 1)
+            sampled_token_ids={r: [1] for r in scheduler_output.num_scheduled_tokens}
         )
 
 

@@ -36,6 +36,10 @@ class CachedRequestData:
     resumed: bool = False
     """Back from preemption: the worker recomputes from `num_computed_tokens` (its token ids
     and sampling state were kept)."""
+    num_kept_blocks: int | None = None
+    """The worker's table keeps only its first `num_kept_blocks` entries before
+    `new_block_ids` are appended: blocks past the accepted tokens of a speculative step went
+    back to the pool (None: keep the whole table)."""
 
 
 @dataclass
@@ -46,6 +50,9 @@ class GrammarBitmask:
     """The sequence of each row of `bitmask`."""
     bitmask: torch.Tensor
     """[G, ceil(vocab / 32)] int32 on the host; bit t of a row set = token t allowed."""
+    offsets: list[int] | None = None
+    """[G] which of its sequence's sampled positions each row masks (a speculative step
+    samples 1 + k positions of one sequence: row i assumes the first i proposals); None: 0."""
 
 
 @dataclass
@@ -58,6 +65,10 @@ class SchedulerOutput:
     """Requests that ended since the last step: workers drop their state."""
     grammar: GrammarBitmask | None = None
     """Token masks of constrained sequences; sent to rank 0 only."""
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """Speculative decoding: the proposed tokens a request verifies this step. Its scheduled
+    tokens are its last sampled token plus these; it samples at each of the 1 + k positions
+    and keeps the proposals up to the first one the target disagrees with."""
     kv_saves: list[tuple[int, int]] = field(default_factory=list)
     """Host KV tier: (device block, host slot) copies run before this step's forward (the
     device blocks are reused by it). Every rank copies its own shard."""
@@ -80,9 +91,12 @@ class SchedulerOutput:
 
 @dataclass
 class ModelRunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    """Only requests whose scheduled tokens reached the end of their sequence sample."""
-    logprobs: dict[str, dict[int, float]] = field(default_factory=dict)
+    sampled_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """The new tokens of each request that sampled (only requests whose scheduled tokens
+    reached the end of their sequence do): one, or with speculation the accepted proposals
+    followed by the token sampled after them."""
+    logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
+    """Requests with `params.logprobs`: one {token_id: logprob} per new token."""
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
     """Requests with `params.prompt_logprobs`: one {token_id: logprob} per prompt token this
     step predicted (positions 1.. of the prompt, in order, continuing the previous steps')."""

@@ -10,6 +10,7 @@ Validation stays the model's: the flags only parse types.
 from __future__ import annotations
 
 import argparse
+import json
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
@@ -70,6 +71,9 @@ def _flag_options(field: FieldInfo, extra: dict[str, Any]) -> dict[str, Any]:
     if get_origin(kind) is list:
         options["nargs"] = "+"
         kind = get_args(kind)[0]
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        kind = _json_object  # a nested settings object is given as JSON; the model validates
+        options["metavar"] = "JSON"
     options["type"] = kind
     if choices:
         options["choices"] = list(choices)  # type: ignore[call-overload]
@@ -78,6 +82,16 @@ def _flag_options(field: FieldInfo, extra: dict[str, Any]) -> dict[str, Any]:
     shown = f" (default {default})" if default is not None else ""
     options["help"] = description + shown
     return options
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
 
 
 def _value_type(annotation: Any) -> Any:

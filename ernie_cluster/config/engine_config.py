@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ernie_cluster.config.model_config import ErnieMoeConfig
+from ernie_cluster.config.speculative_config import SpeculativeConfig
 
 AttentionBackend = Literal["auto", "triton", "torch"]
 ATTENTION_BACKENDS = get_args(AttentionBackend)
@@ -56,6 +57,12 @@ class EngineSettings(BaseModel):
         "auto",
         description="KV cache element type ('auto': the model dtype; fp8 / fp8_e4m3: e4m3 "
         "with a per-layer scale, about twice the blocks)",
+    )
+    speculative_config: SpeculativeConfig | None = Field(
+        None,
+        description="speculative decoding, as JSON: "
+        '\'{"method": "ngram", "num_speculative_tokens": 4}\' (methods ngram, suffix; '
+        "greedy and sampled outputs keep their distribution; unset: off)",
     )
     device: str = Field("cpu", description="torch device of the workers ('cuda' on GPU nodes)")
     tensor_parallel_size: int = Field(

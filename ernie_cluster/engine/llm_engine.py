@@ -21,6 +21,7 @@ from ernie_cluster.engine.kv_cache import KVCacheManager
 from ernie_cluster.engine.output_processor import OutputProcessor, RequestGroup
 from ernie_cluster.engine.request import Request, RequestStatus
 from ernie_cluster.engine.scheduler import Scheduler, SchedulerConfig
+from ernie_cluster.engine.speculative import SpecDecodeStats, SpeculativeProposer
 from ernie_cluster.executor.base import Executor
 from ernie_cluster.inputs.engine_request import EngineRequest
 from ernie_cluster.inputs.model_facts import ModelFacts
@@ -78,6 +79,8 @@ class EngineStats:
     """Seconds requests waited in LOADING for their blocks to come back (sum)."""
     weight_bytes_per_rank: int = 0
     """Weight bytes of the fullest rank, quantized weights at their resident size."""
+    spec_decode: SpecDecodeStats | None = None
+    """Speculative decoding counters (None: --speculative-config is off)."""
 
     @property
     def expert_load_imbalance(self) -> float:
@@ -153,6 +156,8 @@ class LLMEngine:
             self.kv_cache,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        spec = self.config.speculative_config
+        self.proposer = SpeculativeProposer(spec, self.max_model_len) if spec else None
         self._arrival = itertools.count()
         self._num_prompt_tokens = 0
         self._num_generated_tokens = 0
@@ -241,6 +246,8 @@ class LLMEngine:
     def step(self, delta: bool = False) -> list[RequestOutput]:
         """Run one step; return outputs of requests that changed (cumulative by default)."""
         self._end_failed_grammars()
+        if self.proposer is not None:
+            self.proposer.propose(self.scheduler.running, self.scheduler.requests)
         scheduler_output = self.scheduler.schedule()
         if (
             scheduler_output.is_empty
@@ -270,22 +277,11 @@ class LLMEngine:
             self.output_processor.add_prompt_logprobs(req_id, entries)
         touched: dict[str, RequestGroup] = {}
         to_finish: dict[RequestStatus, list[Request]] = {}
-        for request, token in appended:
+        for request, tokens in appended:
             status = request.status if request.is_finished else None
-            if token is None:  # max_tokens = 0: the prompt is computed, nothing is sampled
-                to_finish.setdefault(status, []).append(request)
-                touched[request.parent_id] = self.output_processor.group_of[request.request_id]
-                continue
-            self._num_generated_tokens += 1
-            if self.output_processor.process_token(
-                request, token, runner_output.logprobs.get(request.request_id)
-            ):
-                status = RequestStatus.FINISHED_STOPPED  # a stop string (wins over length)
-            if request.grammar is not None and request.grammar.accept(token):
-                # The constraint is complete (or broken): the sequence ends here.
-                status = status or RequestStatus.FINISHED_STOPPED
-                if request.grammar.error is not None:
-                    status = RequestStatus.FINISHED_ERROR
+            if tokens is not None:
+                logprobs = runner_output.logprobs.get(request.request_id)
+                status = self._take_tokens(request, tokens, logprobs) or status
             if status is not None:
                 to_finish.setdefault(status, []).append(request)
             touched[request.parent_id] = self.output_processor.group_of[request.request_id]
@@ -297,6 +293,30 @@ class LLMEngine:
             if group.finished:
                 self.output_processor.remove_group(group)
         return outputs
+
+    def _take_tokens(
+        self, request: Request, tokens: list[int], logprobs: list[dict[int, float]] | None
+    ) -> RequestStatus | None:
+        """Detokenize a sequence's new tokens one by one (several after accepted proposals);
+        a stop string or a complete constraint ends it at that token, dropping the rest.
+        Returns the status that ends it here (None: it goes on or the scheduler ended it)."""
+        for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1
+            self._num_generated_tokens += 1
+            status = None
+            entry = logprobs[i] if logprobs is not None else None
+            if self.output_processor.process_token(request, token, entry, last):
+                status = RequestStatus.FINISHED_STOPPED  # a stop string (wins over length)
+            if request.grammar is not None and request.grammar.accept(token):
+                # The constraint is complete (or broken): the sequence ends here.
+                status = status or RequestStatus.FINISHED_STOPPED
+                if request.grammar.error is not None:
+                    status = RequestStatus.FINISHED_ERROR
+            if status is not None:
+                if not last:
+                    del request.output_token_ids[i + 1 - len(tokens) :]
+                return status
+        return None
 
     def _finish(self, requests: list[Request], status: RequestStatus) -> None:
         """End `requests` with `status`: the live ones through the scheduler; the ones it
@@ -324,14 +344,16 @@ class LLMEngine:
         sampling = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = requests[req_id]
+            drafts = scheduler_output.spec_token_ids.get(req_id, [])
             # NOTE: computed counts were advanced when scheduled: a request samples this step
-            # when its scheduled tokens reach the end of its sequence (max_tokens = 0: never).
+            # when its scheduled tokens (and proposals) reach the end of its sequence
+            # (max_tokens = 0: never).
             if (
                 request.grammar is not None
                 and request.max_tokens > 0
-                and request.num_computed_tokens == request.num_tokens
+                and request.num_computed_tokens == request.num_tokens + len(drafts)
             ):
-                sampling.append((req_id, request.grammar))
+                sampling.append((req_id, request.grammar, drafts))
         return self.structured.bitmask(sampling) if sampling else None
 
     def _fail_batch(self, scheduler_output, exc: Exception) -> None:
@@ -364,6 +386,7 @@ class LLMEngine:
             num_scheduled_tokens=self.scheduler.stats.num_scheduled_tokens,
             expert_tokens_per_layer=self.executor.expert_load(),
             weight_bytes_per_rank=self._weight_bytes_per_rank,
+            spec_decode=self.scheduler.stats.spec if self.proposer is not None else None,
             **self._host_tier_stats(),
         )
 

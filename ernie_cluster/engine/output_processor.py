@@ -100,15 +100,17 @@ class OutputProcessor:
             group.prompt_logprobs.extend(entries)
 
     def process_token(
-        self, request: Request, token: int, logprobs: dict[int, float] | None
+        self, request: Request, token: int, logprobs: dict[int, float] | None, last: bool = True
     ) -> bool:
         """Record one new token, already appended and stop-checked by the scheduler (a
-        finished status there: a stop token or a length limit ended the sequence); returns
-        True when a stop string ends the sequence here."""
+        finished status there: a stop token or a length limit ended the sequence at the
+        step's `last` token; a speculative step brings several); returns True when a stop
+        string ends the sequence here."""
         seq = self.sequence_of[request.request_id]
         if seq.logprobs is not None and logprobs is not None:
             seq.logprobs.append(logprobs)
-        if request.status == RequestStatus.FINISHED_STOPPED:
+        status = request.status if last else RequestStatus.RUNNING
+        if status == RequestStatus.FINISHED_STOPPED:
             # A stop token: its own text is not part of the output (as with stop strings).
             seq.text += seq.detokenizer.flush() if seq.detokenizer else ""
             return False
@@ -121,7 +123,7 @@ class OutputProcessor:
         seq.text += delta
         if seq.answer_start is None and token == request.answer_start_token_id:
             seq.answer_opened = True
-        if request.status == RequestStatus.FINISHED_LENGTH and seq.detokenizer:
+        if status == RequestStatus.FINISHED_LENGTH and seq.detokenizer:
             seq.text += seq.detokenizer.flush()
         return False
 

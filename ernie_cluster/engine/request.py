@@ -72,6 +72,12 @@ class Request:
     stop_reason: int | str | None = None
     grammar: GrammarState | None = None
     """The output constraint's matcher; None when unconstrained."""
+    spec_token_ids: list[int] = field(default_factory=list)
+    """Speculative decoding: tokens proposed for the next step (engine/speculative); the
+    scheduler verifies as many as the step's budget allows."""
+    last_verified: tuple[int, int] | None = None
+    """(proposals verified, accepted) by the last step that verified some; the proposer
+    reads and clears it."""
     answer_start_token_id: int | None = None
     """Stop strings apply only after this token (`<response>`) and the newline that follows
     it; None: from the first output token."""

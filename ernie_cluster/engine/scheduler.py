@@ -16,10 +16,11 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ernie_cluster.engine.kv_cache import KVCacheManager
 from ernie_cluster.engine.request import Request, RequestStatus
+from ernie_cluster.engine.speculative.stats import SpecDecodeStats
 from ernie_cluster.step_io import (
     CachedRequestData,
     NewRequestData,
@@ -48,6 +49,7 @@ class SchedulerStats:
     """All tokens computed so far (prefill chunks, recomputes and decodes)."""
     num_prompt_tokens_computed: int = 0
     """Prompt tokens actually run through the model (prefix-cache hits excluded)."""
+    spec: SpecDecodeStats = field(default_factory=SpecDecodeStats)
 
 
 class Scheduler:
@@ -63,6 +65,8 @@ class Scheduler:
         self._num_sent_blocks: dict[str, int] = {}
         self._resumed: set[str] = set()
         self._finished_since_last_step: list[str] = []
+        # Requests whose table was trimmed after a speculative step: blocks the workers keep.
+        self._num_kept_blocks: dict[str, int] = {}
 
     # ---------------------------------------------------------------- requests in and out
     def add_request(self, request: Request) -> None:
@@ -115,15 +119,25 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_drafts = 0
             if num_new > 1:
                 # A prefill chunk leaves one token for every running request behind it (so
                 # decodes step every step) and a share for a waiting request (so a short
                 # request is not stuck behind a 128K prompt).
                 others = len(self.running) - index - 1 + waiting_reserve
                 num_new = max(min(num_new, budget - others), min(num_new, budget, 16))
+            elif request.spec_token_ids:
+                # Proposals ride along only in budget no decode behind this one needs.
+                others = len(self.running) - index - 1
+                num_drafts = max(0, min(len(request.spec_token_ids), budget - 1 - others))
             table = self.kv_cache.allocate_slots(
-                request.request_id, request.num_computed_tokens + num_new
+                request.request_id, request.num_computed_tokens + num_new + num_drafts
             )
+            if table is None and num_drafts:
+                num_drafts = 0  # proposals never preempt anyone
+                table = self.kv_cache.allocate_slots(
+                    request.request_id, request.num_computed_tokens + num_new
+                )
             while table is None:
                 victim = self.running.pop()  # highest sort key: lowest priority, newest
                 self._preempt(victim)
@@ -135,8 +149,10 @@ class Scheduler:
                 )
             if table is None:
                 break
-            self._add_to_output(out, request, table, num_new)
-            budget -= num_new
+            if num_drafts:
+                out.spec_token_ids[request.request_id] = request.spec_token_ids[:num_drafts]
+            self._add_to_output(out, request, table, num_new + num_drafts)
+            budget -= num_new + num_drafts
             index += 1
 
         # NOTE: no new admissions in a step that had to preempt: memory is short.
@@ -277,6 +293,7 @@ class Scheduler:
                     new_block_ids=list(table) if resumed else table[sent:],
                     num_computed_tokens=request.num_computed_tokens,
                     resumed=resumed,
+                    num_kept_blocks=self._num_kept_blocks.pop(req_id, None),
                 )
             )
         self._num_sent_blocks[req_id] = len(table)
@@ -287,6 +304,8 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
+        self._num_kept_blocks.pop(request.request_id, None)
+        request.spec_token_ids = []
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -295,22 +314,24 @@ class Scheduler:
 
     def _free(self, request: Request) -> None:
         self.kv_cache.free(request.request_id)
+        self._num_kept_blocks.pop(request.request_id, None)
         self._resumed.discard(request.request_id)
         if self._num_sent_blocks.pop(request.request_id, None) is not None:
             self._finished_since_last_step.append(request.request_id)
 
     # ------------------------------------------------------------------ after the step
     def update_from_output(
-        self, out: SchedulerOutput, sampled: dict[str, int]
-    ) -> list[tuple[Request, int | None]]:
-        """Publish newly written KV blocks, append sampled tokens and end the sequences those
-        tokens stop (`check_stop`: stop tokens, max_tokens, max_model_len).
+        self, out: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> list[tuple[Request, list[int] | None]]:
+        """Take back the slots of rejected proposals, append the new tokens, publish newly
+        written KV blocks and end the sequences those tokens stop (`check_stop`: stop tokens,
+        max_tokens, max_model_len; tokens after a stopping one are dropped).
 
-        Returns (request, token) for each request that sampled, the ones ended here included
-        (their status says why), and (request, None) for each max_tokens = 0 request whose
-        prompt is now computed: it ends ("length") without a token. Stop strings need the
-        detokenized text: the output processor matches them and the engine ends those
-        sequences through `finish_requests`.
+        Returns (request, tokens appended) for each request that sampled, the ones ended here
+        included (their status says why), and (request, None) for each max_tokens = 0
+        request whose prompt is now computed: it ends ("length") without a token. Stop
+        strings need the detokenized text: the output processor matches them and the engine
+        ends those sequences through `finish_requests`.
         """
         appended = []
         stopped: dict[RequestStatus, list[str]] = {}
@@ -318,25 +339,50 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran
-            if self.kv_cache.needs_caching(req_id, request.num_computed_tokens):
-                self.kv_cache.cache_blocks(
-                    req_id, request.all_token_ids, request.num_computed_tokens
-                )
-            token = sampled.get(req_id)
+            tokens = sampled.get(req_id)
+            drafts = out.spec_token_ids.get(req_id)
+            if drafts and tokens:
+                # Positions past the last accepted proposal hold rejected KV: recompute them.
+                request.num_computed_tokens -= len(drafts) + 1 - len(tokens)
+                self.stats.spec.record(len(drafts), len(tokens) - 1)
+                request.last_verified = (len(drafts), len(tokens) - 1)
             if request.max_tokens == 0:
+                self._cache(request)
                 if request.num_computed_tokens >= request.num_prompt_tokens:
                     appended.append((request, None))
                     stopped.setdefault(RequestStatus.FINISHED_LENGTH, []).append(req_id)
                 continue
-            if token is not None:
+            kept: list[int] = []
+            for token in tokens or ():
                 request.output_token_ids.append(token)
-                appended.append((request, token))
+                kept.append(token)
                 status = check_stop(request, token, self.config.max_model_len)
                 if status is not None:
                     stopped.setdefault(status, []).append(req_id)
+                    break
+            self._cache(request)
+            if drafts and tokens and request.status == RequestStatus.RUNNING:
+                self._trim(request)
+            if kept:
+                appended.append((request, kept))
         for status, req_ids in stopped.items():
             self.finish_requests(req_ids, status)
         return appended
+
+    def _cache(self, request: Request) -> None:
+        """Publish the request's blocks its computed tokens filled."""
+        # NOTE: a stop token among accepted proposals leaves computed KV past the tokens kept.
+        num_computed = min(request.num_computed_tokens, request.num_tokens)
+        if self.kv_cache.needs_caching(request.request_id, num_computed):
+            self.kv_cache.cache_blocks(request.request_id, request.all_token_ids, num_computed)
+
+    def _trim(self, request: Request) -> None:
+        """Give back the blocks only rejected proposals used; the workers cut their tables
+        to match on the request's next step."""
+        kept = self.kv_cache.trim(request.request_id, request.num_tokens)
+        if kept is not None:
+            self._num_sent_blocks[request.request_id] = kept
+            self._num_kept_blocks[request.request_id] = kept
 
 
 def check_stop(request: Request, token: int, max_model_len: int) -> RequestStatus | None:

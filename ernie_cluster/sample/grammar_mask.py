@@ -16,9 +16,13 @@ from ernie_cluster.step_io import GrammarBitmask
 def apply_grammar_bitmask(
     logits: torch.Tensor, grammar: GrammarBitmask, sample_ids: list[str]
 ) -> None:
-    """Mask `logits` [S, V] in place; `sample_ids` names the sequence of each logits row."""
-    position = {req_id: row for row, req_id in enumerate(sample_ids)}
-    rows = [position[req_id] for req_id in grammar.request_ids]
+    """Mask `logits` [S, V] in place; `sample_ids` names the sequence of each logits row (a
+    speculative sequence's 1 + k rows are consecutive; the bitmask's offsets pick among them)."""
+    first_row: dict[str, int] = {}
+    for row, req_id in enumerate(sample_ids):
+        first_row.setdefault(req_id, row)
+    offsets = grammar.offsets or [0] * len(grammar.request_ids)
+    rows = [first_row[r] + offset for r, offset in zip(grammar.request_ids, offsets, strict=True)]
     num_rows, num_words = logits.shape[0], grammar.bitmask.shape[1]
     # NOTE: the G rows are spread into an all-allowed [S, W] mask (one small host tensor,
     # uploaded pinned) applied to every row: with `indices`, xgrammar would copy that list to

@@ -118,13 +118,16 @@ def record_sampled(
     tokens: torch.Tensor,
     token_list: list[int],
     on_device: bool = True,
+    rows: list[int] | None = None,
 ) -> None:
     """Append each state's sampled token: `token_list` [S] to the host histories and, when
-    `on_device`, `tokens` [S] (the same ids, on the device) to the device histories of the
-    states with penalties, in one multi-tensor copy; a full buffer doubles (a device copy, no
-    sync)."""
+    `on_device`, the same ids on the device (`tokens[rows[i]]`, rows default 0..S-1) to the
+    device histories of the states with penalties, in one multi-tensor copy; a full buffer
+    doubles (a device copy, no sync). A state may appear several times (accepted proposals),
+    in order."""
     targets, sources = [], []
-    for i, (state, token) in enumerate(zip(states, token_list, strict=True)):
+    rows = rows if rows is not None else list(range(len(states)))
+    for i, state, token in zip(rows, states, token_list, strict=True):
         num = len(state.output_token_ids)
         state.output_token_ids.append(token)
         if not (on_device and state.has_penalties) or state.output_ids_kept != num:

@@ -27,6 +27,13 @@ from ernie_cluster.structured_output.compiler import GrammarBusyError
 def engine_stats_dict(engine: AsyncLLMEngine, replica: str = "local") -> dict[str, Any]:
     stats = engine.get_stats()
     values = {k: v for k, v in asdict(stats).items() if k != "expert_tokens_per_layer"}
+    spec = values.pop("spec_decode")
+    if spec is not None:
+        values.update(
+            {f"spec_decode_{k}": v for k, v in spec.items() if k != "accepted_per_position"}
+        )
+        values["spec_decode_acceptance_rate"] = stats.spec_decode.acceptance_rate
+        values["spec_decode_mean_accepted_length"] = stats.spec_decode.mean_accepted_length
     values["expert_load_imbalance"] = stats.expert_load_imbalance
     values["kv_cache_usage"] = stats.kv_blocks_used / max(1, stats.kv_blocks_total)
     values["replica"] = replica

@@ -43,6 +43,14 @@ ENGINE_GAUGES = {
         "ernie_weight_bytes_per_rank",
         "Weight bytes on the fullest shard worker (quantized weights as held)",
     ),
+    "spec_decode_acceptance_rate": (
+        "ernie_spec_decode_acceptance_rate",
+        "Speculative decoding: accepted / proposed tokens so far",
+    ),
+    "spec_decode_mean_accepted_length": (
+        "ernie_spec_decode_mean_accepted_length",
+        "Speculative decoding: tokens a verifying sequence gains per step (1 + accepted)",
+    ),
 }
 ENGINE_COUNTERS = {  # exposed with the `_total` suffix
     "num_preemptions": ("ernie_num_preemptions", "Requests preempted so far"),
@@ -68,6 +76,18 @@ ENGINE_COUNTERS = {  # exposed with the `_total` suffix
     "host_kv_load_wait_s": (
         "ernie_host_kv_load_wait_seconds",
         "Seconds requests waited for host KV blocks to come back",
+    ),
+    "spec_decode_num_drafts": (
+        "ernie_spec_decode_num_drafts",
+        "Speculative decoding: sequence-steps that verified proposals",
+    ),
+    "spec_decode_num_draft_tokens": (
+        "ernie_spec_decode_num_draft_tokens",
+        "Speculative decoding: proposed tokens verified",
+    ),
+    "spec_decode_num_accepted_tokens": (
+        "ernie_spec_decode_num_accepted_tokens",
+        "Speculative decoding: proposed tokens accepted",
     ),
 }
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})

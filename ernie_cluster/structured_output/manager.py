@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +28,7 @@ from ernie_cluster.structured_output.params import GrammarSpec
 from ernie_cluster.structured_output.utf8_guard import Utf8Guard
 
 if TYPE_CHECKING:
+    import torch
     import xgrammar
 from ernie_cluster.tokenizer import Tokenizer
 
@@ -106,6 +107,58 @@ class GrammarState:
             return True
         return matcher.is_terminated()
 
+    def allowed_prefix(self, tokens: list[int]) -> int:
+        """How many of `tokens` (speculative proposals) the constraint accepts in a row from
+        its current state, which is left as it was."""
+        return self._walk(tokens)
+
+    def fill_bitmask_rows(
+        self, drafts: list[int], bits: torch.Tensor, guard: Utf8Guard | None
+    ) -> list[int]:
+        """Fill row i of `bits` [len(drafts) + 1, W] with the allowed tokens after the first i
+        proposals, for each position the constraint restricts; returns those positions."""
+        used: list[int] = []
+
+        def visit(i: int, constrains: bool, last: int | None) -> None:
+            if not constrains:
+                return
+            self.matcher.fill_next_token_bitmask(bits, i)
+            banned = guard.banned_after(last) if guard is not None else []
+            if banned:
+                guard.clear(bits, i, banned)
+            used.append(i)
+
+        self._walk(drafts, visit)
+        return used
+
+    def _walk(
+        self, tokens: list[int], visit: Callable[[int, bool, int | None], None] | None = None
+    ) -> int:
+        """Advance a trial copy of the state through `tokens`, calling `visit(i, constrains,
+        previous token)` at each position 0..len(tokens) reached; stops at the first token the
+        constraint refuses (or once it is complete) and returns how many were taken. The
+        matcher is rolled back afterwards."""
+        matcher = self._matcher()
+        active, last, steps = self.active, self.last_token, 0
+        try:
+            for i in range(len(tokens) + 1):
+                if visit is not None:
+                    visit(i, active and not matcher.is_terminated(), last)
+                if i == len(tokens):
+                    return i
+                token = tokens[i]
+                if not active:
+                    active = token == self.spec.start_token_id
+                elif matcher.is_terminated() or not matcher.accept_token(token):
+                    return i
+                else:
+                    steps += 1
+                last = token
+            return len(tokens)
+        finally:
+            if steps:
+                matcher.rollback(steps)
+
 
 class StructuredOutputManager:
     """Compiles the engine's grammars and builds each step's bitmask."""
@@ -161,21 +214,31 @@ class StructuredOutputManager:
         if pending:
             wait(pending, timeout=timeout_s, return_when=FIRST_COMPLETED)
 
-    def bitmask(self, sampling: list[tuple[str, GrammarState]]) -> GrammarBitmask | None:
-        """[G, ceil(V/32)] allowed-token bits of the constrained rows sampling this step."""
-        rows = [(req_id, s) for req_id, s in sampling if s.constrains_next_token]
-        if not rows:
-            return None
+    def bitmask(self, sampling: list[tuple[str, GrammarState, list[int]]]) -> GrammarBitmask | None:
+        """[G, ceil(V/32)] allowed-token bits of the constrained rows sampling this step. A
+        sequence verifying proposals (the list; empty: none) samples 1 + k positions: its row
+        for position i is the constraint's state after the first i proposals."""
         import xgrammar
 
-        bits = xgrammar.allocate_token_bitmask(len(rows), self._vocab_size)  # [G, W] int32
         guard = self._utf8_guard
-        for i, (_, state) in enumerate(rows):
-            state.matcher.fill_next_token_bitmask(bits, i)
-            banned = guard.banned_after(state.last_token) if guard is not None else []
-            if banned:
-                guard.clear(bits, i, banned)
-        return GrammarBitmask([req_id for req_id, _ in rows], bits)
+        request_ids: list[str] = []
+        offsets: list[int] = []
+        parts = []
+        for req_id, state, drafts in sampling:
+            if not drafts and not state.constrains_next_token:
+                continue
+            bits = xgrammar.allocate_token_bitmask(len(drafts) + 1, self._vocab_size)
+            used = state.fill_bitmask_rows(drafts, bits, guard)
+            if used:
+                parts.append(bits[used])
+                request_ids.extend([req_id] * len(used))
+                offsets.extend(used)
+        if not parts:
+            return None
+        import torch
+
+        bitmask = parts[0] if len(parts) == 1 else torch.cat(parts)  # [G, W] int32
+        return GrammarBitmask(request_ids, bitmask, offsets if any(offsets) else None)
 
     def shutdown(self) -> None:
         if self._compiler is not None:

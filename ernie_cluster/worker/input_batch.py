@@ -82,6 +82,15 @@ class InputBatch:
         self.num_blocks[row] = 0
         self.append_blocks(row, block_ids)
 
+    def truncate_blocks(self, row: int, num_blocks: int) -> None:
+        """Forget the row's table entries past the first `num_blocks` (blocks the scheduler
+        took back); the device entries stay, unread, until overwritten."""
+        if not 0 <= num_blocks <= self.num_blocks[row]:
+            raise ValueError(
+                f"cannot keep {num_blocks} blocks of a row holding {int(self.num_blocks[row])}"
+            )
+        self.num_blocks[row] = num_blocks
+
     def append_blocks(self, row: int, block_ids: list[int]) -> None:
         if not block_ids:
             return

@@ -24,6 +24,7 @@ from ernie_cluster.model.ernie4_5_moe import Ernie4_5_MoeForCausalLM
 from ernie_cluster.sample import Sampler, SamplingState
 from ernie_cluster.sample.grammar_mask import apply_grammar_bitmask
 from ernie_cluster.sample.sampling_state import record_sampled
+from ernie_cluster.sample.speculative import accepted_rows
 from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker import prompt_logprobs
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
@@ -162,12 +163,15 @@ class ModelRunner:
             if cached.resumed:
                 batch.reset_blocks(state.row, list(cached.new_block_ids))
             else:
+                if cached.num_kept_blocks is not None:
+                    batch.truncate_blocks(state.row, cached.num_kept_blocks)
                 batch.append_blocks(state.row, list(cached.new_block_ids))
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _prepare(self, out: SchedulerOutput) -> tuple[StepInputs, list[str]]:
         """Host arrays of the step in batch order (decodes first), uploaded once, and the
-        requests that sample; `self.prompt_plan`: the rows whose prompt logprobs the step
+        request of each sampled row (a speculative request samples its 1 + k positions, in
+        consecutive rows); `self.prompt_plan`: the rows whose prompt logprobs the step
         reports (None: no request asks)."""
         scheduled = out.num_scheduled_tokens
         # NOTE: decodes first, so attention backends see them as one block of rows.
@@ -190,13 +194,16 @@ class ModelRunner:
                 prompt_plan = self._plan_prompt_logprobs(
                     prompt_plan, req_id, state, start, stop, len(input_ids)
                 )
-            input_ids.extend(state.token_ids[start:stop])
+            drafts = out.spec_token_ids.get(req_id, ())
+            input_ids.extend(state.token_ids[start : stop - len(drafts)])
+            input_ids.extend(drafts)
             rows[i], query_lens[i], seq_lens[i] = state.row, stop - start, stop
             state.num_computed_tokens = stop
             # NOTE: max_tokens = 0 (prompt logprobs only): the request ends after its prompt.
-            if stop == len(state.token_ids) and state.sampling.params.max_tokens != 0:
-                sample_rows.append(len(input_ids) - 1)
-                sample_ids.append(req_id)
+            if stop == len(state.token_ids) + len(drafts) and state.sampling.params.max_tokens:
+                first = len(input_ids) - 1 - len(drafts)
+                sample_rows.extend(range(first, len(input_ids)))
+                sample_ids.extend([req_id] * (1 + len(drafts)))
         inputs = self.input_batch.prepare(
             rows,
             query_lens,
@@ -253,7 +260,7 @@ class ModelRunner:
         if not sample_ids:
             return result
         logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
-        return self._sample(logits, sample_ids, out.grammar, result)
+        return self._sample(logits, sample_ids, out.grammar, result, out.spec_token_ids)
 
     def _sample(
         self,
@@ -261,7 +268,11 @@ class ModelRunner:
         sample_ids: list[str],
         grammar: GrammarBitmask | None = None,
         result: ModelRunnerOutput | None = None,
+        spec_token_ids: dict[str, list[int]] | None = None,
     ) -> ModelRunnerOutput:
+        """Sample every row of `logits` [S, V] (rank 0), share the tokens with the other ranks,
+        and keep each request's new tokens: its one sampled token, or with proposals the
+        accepted ones and the token sampled after them (sample/speculative)."""
         result = result or ModelRunnerOutput()
         comm = self.model.comm
         sampled = None
@@ -276,18 +287,28 @@ class ModelRunner:
         tokens = comm.broadcast_from_first(tokens)
         if sampled is not None:
             token_list, logprobs = sampled.to_host()  # the step's one device->host copy
-            for req_id, entry in zip(sample_ids, logprobs, strict=True):
-                if entry is not None:
-                    result.logprobs[req_id] = entry
         else:
-            token_list = tokens.tolist()
-        states = [self.requests[req_id] for req_id in sample_ids]
+            token_list, logprobs = tokens.tolist(), [None] * len(sample_ids)
+        # Every rank decides acceptance from the same tokens and proposals: no extra sync.
+        kept = accepted_rows(sample_ids, token_list, spec_token_ids or {})
         # NOTE: rank 0 keeps penalised requests' output histories on the device, appended
         # from the sampled tokens there; the other ranks never sample, keep them on the host.
         record_sampled(
-            [state.sampling for state in states], tokens, token_list, sampled is not None
+            [self.requests[sample_ids[row]].sampling for row in kept],
+            tokens,
+            [token_list[row] for row in kept],
+            sampled is not None,
+            rows=kept,
         )
-        for req_id, state, token in zip(sample_ids, states, token_list, strict=True):
+        for row in kept:
+            req_id, token = sample_ids[row], token_list[row]
+            state = self.requests[req_id]
             state.token_ids.append(token)
-            result.sampled_token_ids[req_id] = token
+            result.sampled_token_ids.setdefault(req_id, []).append(token)
+            if logprobs[row] is not None:
+                result.logprobs.setdefault(req_id, []).append(logprobs[row])
+        for req_id, drafts in (spec_token_ids or {}).items():
+            if req_id in result.sampled_token_ids:
+                rejected = len(drafts) + 1 - len(result.sampled_token_ids[req_id])
+                self.requests[req_id].num_computed_tokens -= rejected
         return result

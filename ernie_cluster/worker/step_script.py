@@ -57,8 +57,8 @@ class StepScript:
         return out
 
     def record(self, output) -> None:
-        for req_id, token in output.sampled_token_ids.items():
-            self.sampled[req_id].append(token)
+        for req_id, tokens in output.sampled_token_ids.items():
+            self.sampled[req_id].extend(tokens)
 
     def decodes(self, req_ids: list[str]) -> dict[str, int]:
         return {r: 1 for r in req_ids}

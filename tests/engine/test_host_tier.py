@@ -157,7 +157,7 @@ def run_to_end(s: Scheduler, name: str, max_steps: int = 50) -> list:
         for rid in out.num_scheduled_tokens:
             r = s.requests[rid]
             if r.num_computed_tokens == r.num_tokens:
-                sampled[rid] = 99
+                sampled[rid] = [99]
         for r, _token in s.update_from_output(out, sampled):
             if r.num_output_tokens >= r.max_tokens:
                 s.finish_requests([r.request_id], RequestStatus.FINISHED_LENGTH)

@@ -40,7 +40,7 @@ def step(scheduler, token=99):
     for rid, _n in out.num_scheduled_tokens.items():
         r = scheduler.requests[rid]
         if r.num_computed_tokens == r.num_tokens:
-            sampled[rid] = token
+            sampled[rid] = [token]
     scheduler.update_from_output(out, sampled)
     return out
 

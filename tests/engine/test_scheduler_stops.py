@@ -29,7 +29,7 @@ def run(script: list[int], max_tokens: int = 8, min_tokens: int = 0, max_model_l
     appended = []
     for token in script:
         out = scheduler.schedule()
-        appended += [t for _, t in scheduler.update_from_output(out, {"r": token})]
+        appended += [t for _, ts in scheduler.update_from_output(out, {"r": [token]}) for t in ts]
         if request.is_finished:
             break
     return request, appended, scheduler

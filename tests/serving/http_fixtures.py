@@ -264,9 +264,9 @@ class ScriptedExecutor:
             index = state.num_output_tokens
             token = state.script[index] if index < len(state.script) else self.eos_token_id
             state.num_output_tokens += 1
-            out.sampled_token_ids[req_id] = token
+            out.sampled_token_ids[req_id] = [token]
             if state.wants_logprobs:
-                out.logprobs[req_id] = {token: 0.0}
+                out.logprobs[req_id] = [{token: 0.0}]
         return out
 
     def collective_rpc(self, method: str, *args, timeout: float | None = None) -> list:

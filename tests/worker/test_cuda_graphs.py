@@ -38,7 +38,7 @@ def run_steps(runner: ModelRunner) -> dict:
     for scheduled in steps:
         out = runner.execute_model(script.step(scheduled))
         script.record(out)
-        logprobs.append({r: {str(t): v for t, v in e.items()} for r, e in out.logprobs.items()})
+        logprobs.append({r: {str(t): v for t, v in e[0].items()} for r, e in out.logprobs.items()})
     return {
         "tokens": script.sampled,
         "logprobs": logprobs,

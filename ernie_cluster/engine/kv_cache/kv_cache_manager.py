@@ -226,6 +226,26 @@ class KVCacheManager:
                 self._save_block(blocks[index])
         self._req_num_cached[request_id] = max(start, num_full)
 
+    def trim(self, request_id: str, num_tokens: int) -> int | None:
+        """Release the request's tail blocks beyond those `num_tokens` need (slots a
+        speculative step allocated for proposals that were rejected). Returns the blocks it
+        keeps, or None when nothing was released. The tail was never published: it lies past
+        the request's computed tokens."""
+        blocks = self._req_blocks.get(request_id)
+        keep = self.num_blocks_needed(num_tokens)
+        if blocks is None or len(blocks) <= keep:
+            return None
+        if keep < self._req_num_cached[request_id]:
+            raise ValueError(
+                f"request {request_id!r}: cannot trim to {keep} blocks below its "
+                f"{self._req_num_cached[request_id]} published ones"
+            )
+        tail = blocks[keep:]
+        del blocks[keep:]
+        del self._req_block_ids[request_id][keep:]
+        self._pool.free_blocks(reversed(tail))
+        return keep
+
     def free(self, request_id: str) -> None:
         """Release the request's blocks and forget it; a no-op for unknown ids."""
         blocks = self._req_blocks.pop(request_id, None)

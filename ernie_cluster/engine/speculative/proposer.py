@@ -1,0 +1,128 @@
+"""Which decoding sequences get speculative proposals, and how many.
+
+Before each step the engine asks for proposals for the running sequences that are decoding
+(one uncomputed token). A sequence gets none before its first output token, and none when
+verification could not keep its output exact or useful:
+- penalties (repetition, frequency, presence): the penalty of position i would need the
+  proposals before it in the output history;
+- `min_tokens` not reached yet: the stop-token mask of position i depends on i;
+- no room: proposals never run past `max_tokens` or `max_model_len`.
+A constrained sequence's proposals are cut at the first token its grammar refuses. The
+scheduler may send fewer than proposed (token budget, KV blocks); never more.
+
+How many: verifying a proposal costs a token's compute whether or not it is accepted (on a CPU
+about as much as a decode token), so each sequence proposes only as far as its proposals pay.
+It keeps a running acceptance rate r (starting at 0.5, moved 30% toward each verified step's
+accepted / proposed); if acceptances were independent, the n-th proposal of a step would be
+kept with probability r^n, so it proposes the largest n <= k with r^n >= `min_acceptance`. A
+sequence at n = 0 still proposes one token every 16 steps, so a change of pattern is noticed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from ernie_cluster.config.speculative_config import SpeculativeConfig
+from ernie_cluster.engine.request import Request
+from ernie_cluster.engine.speculative.ngram import NgramProposer
+from ernie_cluster.engine.speculative.suffix import SuffixProposer
+from ernie_cluster.sample.sampling_state import has_penalties
+
+_RATE_STEP = 0.3
+"""How far each verified step moves a sequence's acceptance rate toward its own outcome."""
+_PROBE_EVERY = 16
+"""Steps between single-token probes of a sequence whose proposals stopped paying."""
+
+
+@dataclass
+class _Acceptance:
+    rate: float = 0.5
+    idle_steps: int = 0
+
+
+class SpeculativeProposer:
+    def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
+        self.config = config
+        self.max_model_len = max_model_len
+        if config.method == "ngram":
+            self._method: NgramProposer | SuffixProposer = NgramProposer(
+                config.prompt_lookup_min, config.prompt_lookup_max
+            )
+        else:
+            self._method = SuffixProposer(
+                config.suffix_decoding_max_tree_depth,
+                config.suffix_decoding_max_cached_requests,
+                config.suffix_decoding_max_spec_factor,
+                config.suffix_decoding_min_token_prob,
+            )
+        self._num_indexed: dict[str, int] = {}
+        self._acceptance: dict[str, _Acceptance] = {}
+
+    def propose(self, running: Iterable[Request], live: Iterable[str]) -> None:
+        """Set `spec_token_ids` of each running sequence (empty when it gets none), after
+        forgetting the sequences no longer in `live` (the suffix method keeps their outputs
+        for the others)."""
+        live_ids = set(live)
+        for req_id in [r for r in self._num_indexed if r not in live_ids]:
+            del self._num_indexed[req_id]
+            self._acceptance.pop(req_id, None)
+            self._method.finish(req_id)
+        for request in running:
+            request.spec_token_ids = self._drafts(request)
+
+    def _drafts(self, request: Request) -> list[int]:
+        params = request.params
+        if (
+            request.num_tokens - request.num_computed_tokens != 1
+            or request.num_output_tokens == 0
+            or request.max_tokens == 0
+            or has_penalties(params)
+            or request.num_output_tokens < params.min_tokens
+        ):
+            return []
+        room = min(
+            self._worth_proposing(request),
+            request.max_tokens - request.num_output_tokens - 1,
+            self.max_model_len - request.num_tokens - 1,
+        )
+        if room <= 0:
+            return []
+        self._index(request)
+        drafts = self._method.propose(request.request_id, room)
+        if drafts and request.grammar is not None:
+            drafts = drafts[: request.grammar.allowed_prefix(drafts)]
+        return drafts
+
+    def _worth_proposing(self, request: Request) -> int:
+        """Proposals the sequence's acceptance so far pays for (module docstring)."""
+        state = self._acceptance.setdefault(request.request_id, _Acceptance())
+        if request.last_verified is not None:
+            proposed, accepted = request.last_verified
+            request.last_verified = None
+            state.rate += _RATE_STEP * (accepted / proposed - state.rate)
+        k, floor = self.config.num_speculative_tokens, self.config.min_acceptance
+        count = 0
+        while count < k and state.rate ** (count + 1) >= floor:
+            count += 1
+        if count:
+            state.idle_steps = 0
+            return count
+        state.idle_steps += 1
+        if state.idle_steps >= _PROBE_EVERY:
+            state.idle_steps = 0
+            return 1
+        return 0
+
+    def _index(self, request: Request) -> None:
+        """Feed the method the sequence's tokens it has not seen."""
+        req_id = request.request_id
+        seen = self._num_indexed.get(req_id, 0)
+        num_prompt = request.num_prompt_tokens
+        if seen < num_prompt:
+            new = request.prompt_token_ids[seen:] + request.output_token_ids
+        else:
+            new = request.output_token_ids[seen - num_prompt :]
+        if new:
+            self._method.extend(req_id, new)
+        self._num_indexed[req_id] = request.num_tokens
