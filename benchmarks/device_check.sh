@@ -59,8 +59,11 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out = Path(sys.argv[1])
+# NOTE: steps.txt is in completion order (some steps run at once); the summary is in run order.
+ORDER = ["kernels", "quant_kernels", "w8a8_kernels", "graphs", "bench_gpu"]
+specs = sorted(sys.argv[2:], key=lambda s: ORDER.index(s.split(":")[0]))
 summary = {}
-for spec in sys.argv[2:]:
+for spec in specs:
     name, rc, seconds = spec.rsplit(":", 2)
     step = {"exit_code": int(rc), "seconds": int(seconds), "timed_out": rc in ("124", "137")}
     junit = out / f"{name}.xml"

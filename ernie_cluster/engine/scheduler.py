@@ -119,25 +119,15 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            num_drafts = 0
             if num_new > 1:
                 # A prefill chunk leaves one token for every running request behind it (so
                 # decodes step every step) and a share for a waiting request (so a short
                 # request is not stuck behind a 128K prompt).
                 others = len(self.running) - index - 1 + waiting_reserve
                 num_new = max(min(num_new, budget - others), min(num_new, budget, 16))
-            elif request.spec_token_ids:
-                # Proposals ride along only in budget no decode behind this one needs.
-                others = len(self.running) - index - 1
-                num_drafts = max(0, min(len(request.spec_token_ids), budget - 1 - others))
             table = self.kv_cache.allocate_slots(
-                request.request_id, request.num_computed_tokens + num_new + num_drafts
+                request.request_id, request.num_computed_tokens + num_new
             )
-            if table is None and num_drafts:
-                num_drafts = 0  # proposals never preempt anyone
-                table = self.kv_cache.allocate_slots(
-                    request.request_id, request.num_computed_tokens + num_new
-                )
             while table is None:
                 victim = self.running.pop()  # highest sort key: lowest priority, newest
                 self._preempt(victim)
@@ -149,21 +139,46 @@ class Scheduler:
                 )
             if table is None:
                 break
-            if num_drafts:
-                out.spec_token_ids[request.request_id] = request.spec_token_ids[:num_drafts]
-            self._add_to_output(out, request, table, num_new + num_drafts)
-            budget -= num_new + num_drafts
+            self._add_to_output(out, request, table, num_new)
+            budget -= num_new
             index += 1
 
         # NOTE: no new admissions in a step that had to preempt: memory is short.
         if not preempted:
             budget = self._admit_waiting(out, budget)
+            self._add_proposals(out, budget)
 
         out.kv_saves, out.kv_loads = self.kv_cache.take_copy_ops()
         self.stats.num_running = len(self.running)
         self.stats.num_waiting = len(self.waiting)
         self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
         return out
+
+    def _add_proposals(self, out: SchedulerOutput, budget: int) -> None:
+        """Let decoding requests verify their proposals in what the step left over: budget
+        and free blocks no decode, prefill chunk or admission took, so a proposal never
+        delays, preempts or keeps out anyone."""
+        for request in self.running:
+            req_id = request.request_id
+            if budget <= 0:
+                return
+            if not request.spec_token_ids or out.num_scheduled_tokens.get(req_id) != 1:
+                continue
+            if request.num_computed_tokens != request.num_tokens:
+                continue  # not a decode: the last prompt token of a chunked prefill
+            num_drafts = min(len(request.spec_token_ids), budget)
+            table = self.kv_cache.allocate_slots(req_id, request.num_tokens + num_drafts)
+            if table is None:
+                continue
+            sent = self._num_sent_blocks[req_id]
+            if len(table) > sent:
+                entry = next(c for c in out.cached_requests if c.req_id == req_id)
+                entry.new_block_ids.extend(table[sent:])
+                self._num_sent_blocks[req_id] = len(table)
+            out.spec_token_ids[req_id] = request.spec_token_ids[:num_drafts]
+            out.num_scheduled_tokens[req_id] += num_drafts
+            request.num_computed_tokens += num_drafts
+            budget -= num_drafts
 
     def _finish_loading(self) -> None:
         """Last step's copies are in the workers' queues ahead of this step: run those

@@ -12,7 +12,8 @@ logits it is given or any `SamplingState`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +41,10 @@ class SamplerOutput:
     """[L, K] float32 their raw logprobs, descending."""
     sampled_logprobs: torch.Tensor | None = None
     """[L] float32 raw logprob of each asking row's sampled token."""
+    generator_states: dict[int, torch.Tensor] = field(default_factory=dict)
+    """Batch row -> its generator's state right after that row's draw, for seeded generators
+    that drew for several rows (a speculative sequence's positions): the worker rewinds a
+    generator to the state after the last row it keeps (host tensors; no device read)."""
 
     def to_host(self) -> tuple[list[int], list[TokenLogprobs | None]]:
         """The one device->host copy of the step: the token ids and, per row, None or
@@ -93,10 +98,15 @@ class Sampler:
                 min_tokens.apply(working, upload)
 
         # [B] greedy rows take the argmax, sampling rows their draw
-        token_ids = working.argmax(dim=-1) if sampling is None else sampling.sample(working, upload)
+        states: dict[int, torch.Tensor] = {}
+        if sampling is None:
+            token_ids = working.argmax(dim=-1)
+        else:
+            token_ids = sampling.sample(working, upload, states)
         if logprobs is None:
-            return SamplerOutput(token_ids)
-        return SamplerOutput(token_ids, logprobs, *logprobs.gather(logits, token_ids, upload))
+            return SamplerOutput(token_ids, generator_states=states)
+        gathered = logprobs.gather(logits, token_ids, upload)
+        return SamplerOutput(token_ids, logprobs, *gathered, generator_states=states)
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,8 @@ class _RandomRows:
     """[R] each row's private generator; None draws from torch's default."""
     unseeded: Slot | None
     """[U] positions (among the R) of the rows without a generator, when 0 < U < R."""
+    batch_rows: list[int]
+    """[R] the batch row of each sampling row (host)."""
 
     @classmethod
     def plan(
@@ -135,10 +147,14 @@ class _RandomRows:
             min_p=upload.floats(min_p) if any(m > 0.0 for m in min_p) else None,
             generators=generators,
             unseeded=upload.ints(unseeded) if 0 < len(unseeded) < len(rows) else None,
+            batch_rows=rows,
         )
 
-    def sample(self, logits: torch.Tensor, upload: StepUpload) -> torch.Tensor:
-        """[B] the argmax of `logits` [B, V], with the sampling rows' draws in their place."""
+    def sample(
+        self, logits: torch.Tensor, upload: StepUpload, states: dict[int, torch.Tensor]
+    ) -> torch.Tensor:
+        """[B] the argmax of `logits` [B, V], with the sampling rows' draws in their place;
+        fills `states` (SamplerOutput.generator_states)."""
         rows = None if self.rows is None else upload[self.rows]  # [R]
         sub = logits if rows is None else logits.index_select(0, rows)  # [R, V]
         temperature = upload[self.temperature].to(sub.dtype)  # [R]
@@ -148,7 +164,7 @@ class _RandomRows:
         probs = scaled.softmax(dim=-1)  # [R, V]
         if self.min_p is not None:
             apply_min_p(probs, upload[self.min_p])
-        noise = self._exponential_noise(probs.shape[1], probs.dtype, probs.device, upload)
+        noise = self._exponential_noise(probs.shape[1], probs.dtype, probs.device, upload, states)
         # NOTE: argmax(p / E) with E ~ Exp(1) picks token t with probability p_t (the
         # exponential race), so the noise draw alone decides the token: no cumsum/multinomial.
         sampled = probs.div_(noise).argmax(dim=-1)  # [R]
@@ -157,7 +173,12 @@ class _RandomRows:
         return logits.argmax(dim=-1).index_copy_(0, rows, sampled)
 
     def _exponential_noise(
-        self, vocab_size: int, dtype: torch.dtype, device: torch.device, upload: StepUpload
+        self,
+        vocab_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        upload: StepUpload,
+        states: dict[int, torch.Tensor],
     ) -> torch.Tensor:
         """[R, V] Exp(1) noise: one V-sized draw per seeded row from its own generator, so its
         token does not depend on batch composition; unseeded rows share one default-RNG draw."""
@@ -173,8 +194,12 @@ class _RandomRows:
                 unseeded = upload[self.unseeded]  # [U]
                 draw = torch.rand(self.unseeded.size, vocab_size, dtype=dtype, device=device)
                 noise.index_copy_(0, unseeded, draw)
+            draws = Counter(id(self.generators[j]) for j in seeded)
             for j in seeded:
-                noise[j].uniform_(generator=self.generators[j])
+                generator = self.generators[j]
+                noise[j].uniform_(generator=generator)
+                if draws[id(generator)] > 1:  # the rows of one speculative sequence
+                    states[self.batch_rows[j]] = generator.get_state()
         noise.neg_().log1p_().neg_()
         # NOTE: an Exp(1) draw can be exactly 0; dividing by it would let a zero-probability
         # (truncated) token win via 0/0 = NaN or p/0 = inf.

@@ -12,7 +12,9 @@ q(d_i)) = p(d_i) and, on rejection, draws from max(0, p - q) renormalised, which
 d_i. Drawing x ~ p and accepting when x == d_i does both at once: P(accept) = p(d_i), and a
 rejected draw is distributed as p conditioned on x != d_i. Greedy rows (argmax) reduce to
 "accept while the target's argmax equals the proposal". So every kept token has exactly the
-distribution the non-speculative step would have given it.
+distribution the non-speculative step would have given it. With a seed it is the very same
+token: the worker rewinds the sequence's generator to just after its last kept row, so row i
+draws the noise a plain run draws for that position.
 """
 
 from __future__ import annotations

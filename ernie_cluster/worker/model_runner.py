@@ -311,4 +311,21 @@ class ModelRunner:
             if req_id in result.sampled_token_ids:
                 rejected = len(drafts) + 1 - len(result.sampled_token_ids[req_id])
                 self.requests[req_id].num_computed_tokens -= rejected
+        if sampled is not None and sampled.generator_states:
+            self._rewind_generators(sample_ids, kept, sampled.generator_states)
         return result
+
+    def _rewind_generators(
+        self, sample_ids: list[str], kept: list[int], states: dict[int, torch.Tensor]
+    ) -> None:
+        """A seeded speculative sequence drew noise for all its 1 + k rows; rewind its
+        generator to just after its last kept row. Row i then draws what a plain run draws for
+        that position, so a seed gives the same tokens with and without speculation."""
+        last_kept: dict[str, int] = {}
+        for row in kept:
+            last_kept[sample_ids[row]] = row
+        for req_id, row in last_kept.items():
+            state = states.get(row)
+            generator = self.requests[req_id].sampling.generator
+            if state is not None and generator is not None:
+                generator.set_state(state)

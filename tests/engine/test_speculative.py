@@ -192,6 +192,26 @@ def test_tp2_ep2_speculation_equals_one_rank(reference, tiny_checkpoint, ray_clu
     assert [o.token_ids for o in constrained_two] == [o.token_ids for o in constrained_one]
 
 
+def test_a_seed_gives_the_same_tokens_with_and_without_speculation(tiny_checkpoint):
+    """The sequence's generator is rewound to just after its last kept row, so each position
+    draws the noise the plain run draws for it: seeded outputs are equal, not just alike."""
+    prompt = [11, 12, 13, 14] * 6 + [11, 12]
+    params = [
+        SamplingParams(temperature=0.8, top_k=4, max_tokens=12, seed=i, ignore_eos=True)
+        for i in range(40)
+    ]
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}
+    outputs = {}
+    for name, extra in (("plain", {}), ("spec", {"speculative_config": spec})):
+        with LLM(model=str(tiny_checkpoint), dtype="float32", show_progress=False, **extra) as llm:
+            result = llm.generate([prompt] * len(params), params)
+            outputs[name] = [o.outputs[0].token_ids for o in result]
+            if name == "spec":
+                stats = llm.get_stats().spec_decode
+    assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens
+    assert outputs["spec"] == outputs["plain"]
+
+
 def chi_square_p_value(counts: list[int], probs: list[float]) -> float:
     """Goodness of fit of `counts` to `probs`: P(X >= statistic), X ~ chi2(len - 1)."""
     total = sum(counts)

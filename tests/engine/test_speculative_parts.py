@@ -55,9 +55,8 @@ def test_suffix_learns_from_finished_requests_and_stops_at_rare_tokens():
     suffix = SuffixProposer(max_depth=8, max_cached_requests=2, spec_factor=4.0, min_token_prob=0.6)
     call = [40, 41, 42, 43, 44, 45]
     for i, tail in enumerate([50, 50, 51]):
-        suffix.extend(f"old{i}", [1, 2, *call, tail])  # prompt of 2, then the output
-        suffix._prompt_lengths[f"old{i}"] = 2
-        suffix.finish(f"old{i}")
+        suffix.extend(f"old{i}", [1, 2, *call])  # prompt of 2, then part of the output
+        suffix.finish(f"old{i}", [*call, tail])  # the whole output joins the cache
     # Only the last two finished requests stay cached (max_cached_requests=2).
     suffix.extend("new", [9, 9, 40, 41])
     # After "40 41" both cached outputs go on 42..45; then one says 50, one 51: a 50% share
@@ -193,3 +192,31 @@ def test_a_sequence_proposes_as_far_as_its_acceptance_pays():
     counts = [step(0) for _ in range(40)]
     assert counts[:4].count(0) >= 1 and counts[-1] <= 1
     assert sum(counts[8:]) <= 3
+
+
+def test_proposals_take_only_what_the_step_left_over():
+    # 5 blocks of 4 tokens: after both prefills one block is free, and B's next decode needs
+    # it. A's decode needs no new block, its proposals would: they must not take B's block.
+    kv = KVCacheManager(num_blocks=5, block_size=4)
+    scheduler = Scheduler(SchedulerConfig(max_num_batched_tokens=64, max_model_len=64), kv)
+    a = Request("a", [3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=8), frozenset(), 8, "a")
+    b = Request(
+        "b", [9, 10, 11, 12, 13, 14, 15, 16], SamplingParams(max_tokens=8), frozenset(), 8, "b"
+    )
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    scheduler.update_from_output(scheduler.schedule(), {"a": [20], "b": [21]})
+    assert kv.num_free_blocks == 1
+    a.spec_token_ids = [22, 23, 24, 25]
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"a": 1, "b": 1}
+    assert out.spec_token_ids == {} and scheduler.stats.num_preemptions == 0
+    scheduler.update_from_output(out, {"a": [22], "b": [26]})
+    # With blocks to spare, the proposals go out, their new block sent to the workers.
+    scheduler.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    a.spec_token_ids = [23, 24, 25, 26]
+    out = scheduler.schedule()
+    assert out.spec_token_ids == {"a": [23, 24, 25, 26]}
+    assert out.num_scheduled_tokens == {"a": 5}
+    (cached,) = out.cached_requests
+    assert cached.new_block_ids == kv.get_block_ids("a")[2:]

@@ -18,6 +18,7 @@ class NgramProposer:
         self._indexes: dict[str, TokenIndex] = {}
 
     def extend(self, req_id: str, tokens: Sequence[int]) -> None:
+        """Append the sequence's next tokens (prompt first, then outputs)."""
         index = self._indexes.get(req_id)
         if index is None:
             index = self._indexes[req_id] = TokenIndex(self.lookup_min)
@@ -39,5 +40,6 @@ class NgramProposer:
             return []
         return sequence[best.end + 1 : best.end + 1 + num_tokens]
 
-    def finish(self, req_id: str) -> None:
+    def finish(self, req_id: str, outputs: Sequence[int]) -> None:
+        """The request ended; prompt lookup never looks beyond a sequence."""
         self._indexes.pop(req_id, None)

@@ -20,6 +20,7 @@ sequence at n = 0 still proposes one token every 16 steps, so a change of patter
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from ernie_cluster.engine.request import Request
 from ernie_cluster.engine.speculative.ngram import NgramProposer
 from ernie_cluster.engine.speculative.suffix import SuffixProposer
 from ernie_cluster.sample.sampling_state import has_penalties
+
+logger = logging.getLogger(__name__)
 
 _RATE_STEP = 0.3
 """How far each verified step moves a sequence's acceptance rate toward its own outcome."""
@@ -56,6 +59,8 @@ class SpeculativeProposer:
                 config.suffix_decoding_max_spec_factor,
                 config.suffix_decoding_min_token_prob,
             )
+        self._requests: dict[str, Request] = {}
+        """Every sequence seen running, until it is no longer live."""
         self._num_indexed: dict[str, int] = {}
         self._acceptance: dict[str, _Acceptance] = {}
 
@@ -64,12 +69,21 @@ class SpeculativeProposer:
         forgetting the sequences no longer in `live` (the suffix method keeps their outputs
         for the others)."""
         live_ids = set(live)
-        for req_id in [r for r in self._num_indexed if r not in live_ids]:
-            del self._num_indexed[req_id]
-            self._acceptance.pop(req_id, None)
-            self._method.finish(req_id)
+        for req_id in [r for r in self._requests if r not in live_ids]:
+            self._forget(req_id)
         for request in running:
+            if self._requests.setdefault(request.request_id, request) is not request:
+                self._forget(request.request_id)  # an ended request's id, reused
+                self._requests[request.request_id] = request
             request.spec_token_ids = self._drafts(request)
+
+    def _forget(self, req_id: str) -> None:
+        """The sequence ended: the method gets its whole output (suffix keeps it), and every
+        state of it goes."""
+        request = self._requests.pop(req_id)
+        self._num_indexed.pop(req_id, None)
+        self._acceptance.pop(req_id, None)
+        self._method.finish(req_id, request.output_token_ids)
 
     def _drafts(self, request: Request) -> list[int]:
         params = request.params
@@ -89,9 +103,14 @@ class SpeculativeProposer:
         if room <= 0:
             return []
         self._index(request)
-        drafts = self._method.propose(request.request_id, room)
+        req_id = request.request_id
+        drafts = self._method.propose(req_id, room)
         if drafts and request.grammar is not None:
-            drafts = drafts[: request.grammar.allowed_prefix(drafts)]
+            try:
+                drafts = drafts[: request.grammar.allowed_prefix(drafts)]
+            except Exception:  # a matcher error must not fail the whole step
+                logger.exception("grammar check of proposals failed; %s gets none", req_id)
+                return []
         return drafts
 
     def _worth_proposing(self, request: Request) -> int:

@@ -28,16 +28,15 @@ class SuffixProposer:
         self.spec_factor = spec_factor
         self.min_token_prob = min_token_prob
         self._local: dict[str, TokenIndex] = {}
-        self._prompt_lengths: dict[str, int] = {}
         self._cache = TokenIndex(_ANCHOR, max_candidates=256)
         self._cache_order: deque[tuple[str, int]] = deque()
         self._num_cached = 0
 
     def extend(self, req_id: str, tokens: Sequence[int]) -> None:
+        """Append the sequence's next tokens (prompt first, then outputs)."""
         index = self._local.get(req_id)
         if index is None:
             index = self._local[req_id] = TokenIndex(_ANCHOR, max_candidates=256)
-            self._prompt_lengths[req_id] = len(tokens)
         index.extend(req_id, tokens)
 
     def propose(self, req_id: str, num_tokens: int) -> list[int]:
@@ -73,18 +72,14 @@ class SuffixProposer:
         position = match.end + 1 + step
         return sequence[position] if position < len(sequence) else None
 
-    def finish(self, req_id: str) -> None:
-        """The request ended: its outputs join the cache other requests match against."""
-        local = self._local.pop(req_id, None)
-        prompt_length = self._prompt_lengths.pop(req_id, 0)
-        if local is None or self.max_cached_requests == 0:
-            return
-        outputs = local.sequences[req_id][prompt_length:]
-        if len(outputs) <= _ANCHOR:
+    def finish(self, req_id: str, outputs: Sequence[int]) -> None:
+        """The request ended with `outputs`: they join the cache other requests match against."""
+        self._local.pop(req_id, None)
+        if self.max_cached_requests == 0 or len(outputs) <= _ANCHOR:
             return
         key = ("done", self._num_cached)  # never a live request's id (a str)
         self._num_cached += 1
-        self._cache.extend(key, outputs)
+        self._cache.extend(key, list(outputs))
         self._cache_order.append(key)
         while len(self._cache_order) > self.max_cached_requests:
             self._cache.remove(self._cache_order.popleft())

@@ -9,6 +9,7 @@ costs one dictionary insert.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ class TokenIndex:
         self.anchor = anchor
         self.max_candidates = max_candidates
         self.sequences: dict[Hashable, list[int]] = {}
-        self._ends: dict[tuple[int, ...], list[tuple[Hashable, int]]] = {}
+        self._ends: dict[tuple[int, ...], deque[tuple[Hashable, int]]] = {}
 
     def __contains__(self, key: Hashable) -> bool:
         return key in self.sequences
@@ -45,7 +46,7 @@ class TokenIndex:
         sequence.extend(tokens)
         for end in range(max(start, self.anchor - 1), len(sequence)):
             window = tuple(sequence[end - self.anchor + 1 : end + 1])
-            self._ends.setdefault(window, []).append((key, end))
+            self._ends.setdefault(window, deque()).append((key, end))
 
     def remove(self, key: Hashable) -> None:
         """Forget sequence `key` and its windows."""
@@ -57,7 +58,14 @@ class TokenIndex:
             ends = self._ends.get(window)
             if ends is None:
                 continue
-            ends[:] = [entry for entry in ends if entry[0] != key]
+            # NOTE: the oldest sequence goes first (the suffix cache's order): its entries
+            # lead each list, so this is usually a few pops, not a scan.
+            while ends and ends[0][0] == key:
+                ends.popleft()
+            if any(entry[0] == key for entry in ends):
+                kept = [entry for entry in ends if entry[0] != key]
+                ends.clear()
+                ends.extend(kept)
             if not ends:
                 del self._ends[window]
 
