@@ -200,7 +200,8 @@ class ModelRunner:
             rows[i], query_lens[i], seq_lens[i] = state.row, stop - start, stop
             state.num_computed_tokens = stop
             # NOTE: max_tokens = 0 (prompt logprobs only): the request ends after its prompt.
-            if stop == len(state.token_ids) + len(drafts) and state.sampling.params.max_tokens:
+            samples = state.sampling.params.max_tokens != 0  # None: the model's default
+            if stop == len(state.token_ids) + len(drafts) and samples:
                 first = len(input_ids) - 1 - len(drafts)
                 sample_rows.extend(range(first, len(input_ids)))
                 sample_ids.extend([req_id] * (1 + len(drafts)))

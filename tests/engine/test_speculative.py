@@ -139,6 +139,26 @@ def test_stop_strings_stop_tokens_and_max_tokens_hold_mid_acceptance(tiny_checkp
     assert any(out.finish_reason == "stop" for out in got[0] + got[1])
 
 
+def test_unset_max_tokens_runs_to_the_model_length(tiny_checkpoint):
+    """max_tokens None (the model's default): every step still samples, with and without
+    proposals, until max_model_len."""
+    params = SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)
+    prompt = [5, 6, 7, 8] * 4
+    outputs = []
+    for extra in ({}, {"speculative_config": NGRAM}):
+        with LLM(
+            model=str(tiny_checkpoint),
+            dtype="float32",
+            show_progress=False,
+            max_model_len=48,
+            **extra,
+        ) as llm:
+            outputs.append(llm.generate([prompt], params)[0].outputs[0])
+    assert len(outputs[0].token_ids) == 48 - len(prompt)
+    assert outputs[1].token_ids == outputs[0].token_ids
+    assert outputs[0].finish_reason == outputs[1].finish_reason == "length"
+
+
 SCHEMAS = {
     "flags": {"type": "array", "items": {"type": "boolean"}, "minItems": 3, "maxItems": 12},
     "person": {
