@@ -21,6 +21,8 @@ import pytest
 
 pytest.importorskip("triton")
 
+from quant_weights import DEVICE, make_weight, randn
+
 from ernie_cluster.model import fused_moe
 from ernie_cluster.quantization import fp8_activations, triton_gemm
 from ernie_cluster.quantization.schemes import (
@@ -31,7 +33,6 @@ from ernie_cluster.quantization.schemes import (
 )
 from ernie_cluster.quantization.weight import QuantizedWeight
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The device's own variant, but model-dtype activations where it would run W8A8.
 W8A16 = fp8_activations.fp8_variant(torch.device(DEVICE)).replace("w8a8", "w8a16")
 DTYPES = pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -55,21 +56,6 @@ CASE_IDS = [f"{method}-g{group}-k{cols}" for method, group, cols in CASES]
 @pytest.fixture(autouse=True)
 def _w8a16(monkeypatch):
     monkeypatch.setattr(fp8_activations, "fp8_variant", lambda device: W8A16)
-
-
-def randn(*shape, seed=0, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen) * scale
-
-
-def make_weight(method, group, shape, dtype, seed=0) -> QuantizedWeight:
-    """A QuantizedWeight of a random [*, N, K] weight, canonical layout on DEVICE."""
-    scheme = scheme_for(method, group)
-    dense = randn(*shape, seed=seed, scale=shape[-1] ** -0.5).to(dtype)
-    qweight, scale = quantize(dense, scheme)
-    return QuantizedWeight(
-        qweight.to(DEVICE), scale.to(DEVICE), scheme, shape, dtype, prepack_for_cpu=False
-    )
 
 
 def reference(x, weight, expert=None):

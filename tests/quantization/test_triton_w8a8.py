@@ -23,14 +23,13 @@ import pytest
 pytest.importorskip("triton")
 
 import torch.nn.functional as F
+from quant_weights import DEVICE, make_weight, randn
 
 from ernie_cluster.model import fused_moe
 from ernie_cluster.quantization import fp8_activations, triton_gemm
-from ernie_cluster.quantization.schemes import quantize, scheme_for
+from ernie_cluster.quantization.schemes import scheme_for
 from ernie_cluster.quantization.triton_fp8_rows import quantize_rows
-from ernie_cluster.quantization.weight import QuantizedWeight
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cuda" and fp8_activations.fp8_variant(torch.device(DEVICE)) != "w8a8":
     pytest.skip("W8A8 runs on compute capability 8.9+", allow_module_level=True)
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -58,26 +57,12 @@ def fake_quantized(x):
     return values.float() * scale[:, None]
 
 
-def randn(*shape, seed=0, scale=1.0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=gen) * scale
-
-
 def activations(num_rows, cols, dtype, seed=1, decades=2):
     """Rows of different magnitudes (10^-decades to 10^decades), the second all zero."""
     x = randn(num_rows, cols, seed=seed) * torch.logspace(-decades, decades, num_rows)[:, None]
     if num_rows > 1:
         x[1] = 0.0
     return x.to(DEVICE, dtype)
-
-
-def make_weight(method, group, shape, dtype, seed=0) -> QuantizedWeight:
-    scheme = scheme_for(method, group)
-    dense = randn(*shape, seed=seed, scale=shape[-1] ** -0.5).to(dtype)
-    qweight, scale = quantize(dense, scheme)
-    return QuantizedWeight(
-        qweight.to(DEVICE), scale.to(DEVICE), scheme, shape, dtype, prepack_for_cpu=False
-    )
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=["fp32", "bf16"])
