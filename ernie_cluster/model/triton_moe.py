@@ -101,12 +101,11 @@ def _kernels():
 
     # NOTE: bound as module globals: the interpreter runs a kernel with its module's globals
     # only (no closure), and the helpers' module imports triton, so it loads here, not above.
-    global channel_scaled, dequant_dot, fp8_dot, rows_scaled
+    global channel_scaled, rows_scaled, weight_dot
     from ernie_cluster.quantization.triton_gemm import (
         channel_scaled,
-        dequant_dot,
-        fp8_dot,
         rows_scaled,
+        weight_dot,
     )
 
     @triton.jit
@@ -191,24 +190,14 @@ def _kernels():
                     q_mask = n_ok[:, None] & (offs_kq < (hidden - k_start) // PACK)[None, :]
                 if UPCAST:
                     a = a.to(tl.float32)
-                if A_FP8:
-                    acc_gate = fp8_dot(
-                        acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, k_start,
-                        GROUP_SIZE, BLOCK_K, UPCAST,
-                    )  # fmt: skip
-                    acc_up = fp8_dot(
-                        acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, k_start,
-                        GROUP_SIZE, BLOCK_K, UPCAST,
-                    )  # fmt: skip
-                else:
-                    acc_gate = dequant_dot(
-                        acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, offs_k, k_start, hidden,
-                        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-                    )  # fmt: skip
-                    acc_up = dequant_dot(
-                        acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, offs_k, k_start, hidden,
-                        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-                    )  # fmt: skip
+                acc_gate = weight_dot(
+                    acc_gate, a, g_ptrs, q_mask, gs_ptrs, n_ok, offs_k, k_start, hidden,
+                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION, UPCAST, A_FP8,
+                )  # fmt: skip
+                acc_up = weight_dot(
+                    acc_up, a, u_ptrs, q_mask, us_ptrs, n_ok, offs_k, k_start, hidden,
+                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION, UPCAST, A_FP8,
+                )  # fmt: skip
                 a_ptrs += BLOCK_K
                 g_ptrs += BLOCK_K // PACK
                 u_ptrs += BLOCK_K // PACK
@@ -299,15 +288,10 @@ def _kernels():
                     q_mask = n_ok[:, None] & (offs_kq < (inter - k_start) // PACK)[None, :]
                 if UPCAST:
                     a = a.to(tl.float32)
-                if A_FP8:
-                    acc = fp8_dot(
-                        acc, a, q_ptrs, q_mask, s_ptrs, n_ok, k_start, GROUP_SIZE, BLOCK_K, UPCAST
-                    )
-                else:
-                    acc = dequant_dot(
-                        acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, inter,
-                        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-                    )  # fmt: skip
+                acc = weight_dot(
+                    acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, inter,
+                    WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION, UPCAST, A_FP8,
+                )  # fmt: skip
                 a_ptrs += BLOCK_K
                 q_ptrs += BLOCK_K // PACK
             acc = channel_scaled(acc, s_ptrs, n_ok, WFORMAT, GROUP_SIZE)

@@ -218,6 +218,22 @@ def fp8_dot(
 
 
 @triton.jit
+def weight_dot(
+    acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, num_cols,
+    WFORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, A_FP8: tl.constexpr,
+):  # fmt: skip
+    """One K step of any quantized kernel: `fp8_dot` when the activations are e4m3 (W8A8),
+    else `dequant_dot` (arguments as theirs)."""
+    if A_FP8:
+        return fp8_dot(acc, a, q_ptrs, q_mask, s_ptrs, n_ok, k_start, GROUP_SIZE, BLOCK_K, UPCAST)
+    return dequant_dot(
+        acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, num_cols,
+        WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
 def rows_scaled(acc, a_scale_ptrs, row_ok):
     """W8A8: acc [BM, BN] times each activation row's scale ([BM] pointers)."""
     a_scale = tl.load(a_scale_ptrs, mask=row_ok, other=0.0)  # [BM]
@@ -279,15 +295,10 @@ def _quant_matmul_kernel(
             q_mask = n_ok[:, None] & (offs_kq < (num_cols - k_start) // PACK)[None, :]
         if UPCAST:
             a = a.to(tl.float32)
-        if A_FP8:
-            acc = fp8_dot(
-                acc, a, q_ptrs, q_mask, s_ptrs, n_ok, k_start, GROUP_SIZE, BLOCK_K, UPCAST
-            )
-        else:
-            acc = dequant_dot(
-                acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, num_cols,
-                WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION,
-            )  # fmt: skip
+        acc = weight_dot(
+            acc, a, q_ptrs, q_mask, s_ptrs, n_ok, offs_k, k_start, num_cols,
+            WFORMAT, GROUP_SIZE, BLOCK_N, BLOCK_K, PRECISION, UPCAST, A_FP8,
+        )  # fmt: skip
         a_ptrs += BLOCK_K
         q_ptrs += BLOCK_K // PACK
     acc = channel_scaled(acc, s_ptrs, n_ok, WFORMAT, GROUP_SIZE)
