@@ -25,6 +25,8 @@ def accepted_rows(
 ) -> list[int]:
     """The rows to keep, in order. `sample_ids` [S] names each row's request (a speculative
     request's 1 + k rows are consecutive), `tokens` [S] the sampled token of each row."""
+    if not spec_token_ids:
+        return list(range(len(sample_ids)))  # no proposals this step: every row is kept
     kept: list[int] = []
     row = 0
     while row < len(sample_ids):

@@ -113,19 +113,19 @@ class GrammarState:
         return self._walk(tokens)
 
     def fill_bitmask_rows(
-        self, drafts: list[int], bits: torch.Tensor, guard: Utf8Guard | None
+        self, drafts: list[int], bits: torch.Tensor, first_row: int, guard: Utf8Guard | None
     ) -> list[int]:
-        """Fill row i of `bits` [len(drafts) + 1, W] with the allowed tokens after the first i
-        proposals, for each position the constraint restricts; returns those positions."""
+        """Fill row first_row + i of `bits` [*, W] with the allowed tokens after the first i
+        proposals, for each position i the constraint restricts; returns those positions."""
         used: list[int] = []
 
         def visit(i: int, constrains: bool, last: int | None) -> None:
             if not constrains:
                 return
-            self.matcher.fill_next_token_bitmask(bits, i)
+            self.matcher.fill_next_token_bitmask(bits, first_row + i)
             banned = guard.banned_after(last) if guard is not None else []
             if banned:
-                guard.clear(bits, i, banned)
+                guard.clear(bits, first_row + i, banned)
             used.append(i)
 
         self._walk(drafts, visit)
@@ -220,25 +220,29 @@ class StructuredOutputManager:
         for position i is the constraint's state after the first i proposals."""
         import xgrammar
 
+        sampling = [(r, s, d) for r, s, d in sampling if d or s.constrains_next_token]
+        if not sampling:
+            return None
         guard = self._utf8_guard
+        # [sum of 1 + k, W]: one block of rows per sequence, its position i at first + i
+        bits = xgrammar.allocate_token_bitmask(
+            sum(1 + len(d) for _, _, d in sampling), self._vocab_size
+        )
         request_ids: list[str] = []
         offsets: list[int] = []
-        parts = []
+        rows: list[int] = []
+        first = 0
         for req_id, state, drafts in sampling:
-            if not drafts and not state.constrains_next_token:
-                continue
-            bits = xgrammar.allocate_token_bitmask(len(drafts) + 1, self._vocab_size)
-            used = state.fill_bitmask_rows(drafts, bits, guard)
-            if used:
-                parts.append(bits[used])
-                request_ids.extend([req_id] * len(used))
-                offsets.extend(used)
-        if not parts:
+            used = state.fill_bitmask_rows(drafts, bits, first, guard)
+            request_ids.extend([req_id] * len(used))
+            offsets.extend(used)
+            rows.extend(first + i for i in used)
+            first += 1 + len(drafts)
+        if not rows:
             return None
-        import torch
-
-        bitmask = parts[0] if len(parts) == 1 else torch.cat(parts)  # [G, W] int32
-        return GrammarBitmask(request_ids, bitmask, offsets if any(offsets) else None)
+        if len(rows) < first:
+            bits = bits[rows]  # [G, W] only the restricted positions
+        return GrammarBitmask(request_ids, bits, offsets if any(offsets) else None)
 
     def shutdown(self) -> None:
         if self._compiler is not None:
