@@ -111,3 +111,15 @@ def _has_mask_index(args) -> bool:
     return any(
         isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices or ()
     )
+
+
+def use_sync_free_experts(model: torch.nn.Module) -> None:
+    """Point every routed-experts module of `model` at the sync-free torch path (grouped_mm,
+    what CUDA runs where Triton is missing). On a CPU the default is the per-expert loop, which
+    reads the routing counts on the host (free there); a test that proves the GPU step's rules
+    on CPU tensors has to run the GPU's path."""
+    from ernie_cluster.model.moe import Ernie4_5_MoeExperts
+
+    for module in model.modules():
+        if isinstance(module, Ernie4_5_MoeExperts):
+            module.method = "grouped_mm"

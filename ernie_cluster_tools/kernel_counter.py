@@ -62,8 +62,10 @@ def use_gpu_path(model: nn.Module, enabled: bool = True) -> None:
     device: Triton attention and every block with a `method` (layers.KERNEL_METHODS,
     fused_moe.METHODS) on its Triton kernel, which on CPU tensors needs TRITON_INTERPRET=1.
     `enabled=False` switches back to the device's default (on CPU, the torch ops)."""
+    from ernie_cluster import cpu_bf16
     from ernie_cluster.attention.backend import TorchPagedAttention
 
+    cpu_bf16.set_widening(not enabled)  # a GPU computes bfloat16 as bfloat16
     if enabled:
         from ernie_cluster.attention.triton_backend import TritonPagedAttention
 

@@ -17,7 +17,7 @@ RUNTIME = "ernie_cluster"
 TOOLING = "ernie_cluster_tools"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("config", "checkpoints", "triton_env", "triton_rounding"),
+    ("config", "checkpoints", "triton_env", "triton_rounding", "cpu_bf16"),
     ("tokenizer", "sampling_params", "outputs", "step_io"),
     ("structured_output",),
     ("inputs",),

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from ernie_cluster import cpu_bf16
 from ernie_cluster.attention.kv_quant import (
     FP8_KV_DTYPE,
     dequantize_fp8,
@@ -98,7 +99,7 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: to
 
 
 class _PagedReader:
-    """Gathers whole blocks of one layer's cache, dequantized to the compute dtype if fp8."""
+    """Gathers whole blocks of one layer's cache in the compute dtype (dequantized if fp8)."""
 
     def __init__(self, kv_cache: torch.Tensor, block_size: int, dtype: torch.dtype) -> None:
         num_slots, num_kv_heads, head_dim = kv_cache.shape[1:]
@@ -114,7 +115,7 @@ class _PagedReader:
         """Blocks `block_ids` [...] of K (kv=0) or V (kv=1) -> [..., block_size, Hkv, D]."""
         rows = self.blocks[kv, block_ids]
         if not self.fp8:
-            return rows
+            return rows.to(self.dtype)
         return dequantize_fp8(rows.view(FP8_KV_DTYPE), self.scales[kv], self.dtype)
 
 
@@ -132,6 +133,8 @@ class TorchPagedAttention:
     ) -> torch.Tensor:
         write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
+        if cpu_bf16.widens_bf16(q):  # results are rounded back as they are stored in `out`
+            q = q.float()
         read = _PagedReader(kv_cache, meta.block_size, q.dtype)
         for span in meta.prefills:
             keys = read(0, span.block_ids).flatten(0, 1)[: span.context_len]  # [ctx, Hkv, D]

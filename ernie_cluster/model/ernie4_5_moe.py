@@ -28,6 +28,7 @@ from ernie_cluster.model.layers import InterleavedRotaryEmbedding, RMSNorm, SwiG
 from ernie_cluster.model.moe import Ernie4_5_MoeSparseMoeBlock
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.model.weights import WeightTarget, rows, whole
+from ernie_cluster.quantization.weight import linear
 
 
 class Ernie4_5_MoeDecoderLayer(nn.Module):
@@ -282,12 +283,12 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         rank 0 (None on the other ranks)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if self.comm.world_size == 1:
-            return F.linear(hidden[sample_rows], head).float()
+            return linear(hidden[sample_rows], head).float()
         if self.step_replicated:
             selected = hidden[sample_rows]  # [B, H]: every row is here
         else:
             selected = self.comm.all_gather_rows(hidden)[sample_rows]  # [B, H]
-        local = F.linear(selected, head).float()  # [B, V_local]
+        local = linear(selected, head).float()  # [B, V_local]
         if local.shape[1] < self.vocab_per_rank:
             local = F.pad(local, (0, self.vocab_per_rank - local.shape[1]), value=float("-inf"))
         logits = self.comm.gather_to_first(local, dim=1)  # [B, W * V_per_rank]

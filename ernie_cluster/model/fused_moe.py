@@ -1,12 +1,12 @@
-"""Routed experts without host syncs: (token, slot) pairs sorted by expert on the device, grouped
-GEMMs for gate_up and down with SiLU·mul between them, and a float32 combine in slot order.
+"""Routed experts: (token, slot) pairs sorted by expert, gate_up and down GEMMs with SiLU·mul
+between them, and a float32 combine in slot order.
 
 Owns the pair sort, the alignment of sorted pairs to per-expert tiles (the torch reference of
-`triton_router.sort_to_tiles`, which the Triton path runs), the torch paths (torch._grouped_mm,
-and the old per-expert loop as an opt-in) and the choice between them. Only the opt-in "loop"
-method reads a device tensor on the host or issues ops that depend on the routing; the others
-run the same ops for any routing, so a step can be captured as a CUDA graph or compiled whole.
-`python -m ernie_cluster.model.fused_moe` times the methods on this machine.
+`triton_router.sort_to_tiles`, which the Triton path runs), the torch paths (torch._grouped_mm
+and the per-expert loop) and the choice between them by device. On CUDA the step runs only
+sync-free paths, the same ops for any routing, so it can be captured as a CUDA graph or
+compiled whole; on a CPU, where a host read is free, the loop reads the counts and visits only
+the experts with rows. `python -m ernie_cluster.model.fused_moe` times the methods here.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import torch.nn.functional as F
 from ernie_cluster.quantization.weight import QuantizedWeight, linear
 
 METHODS = ("auto", "grouped_mm", "triton", "loop")
-"""auto: triton on CUDA (grouped_mm where triton is missing), grouped_mm on CPU.
-grouped_mm: torch._grouped_mm (sync-free on CUDA for bfloat16 on sm90+; on CPU wrapped so
-float32 compiles too). loop: one matmul pair per active expert, counts read on the host; faster
-on CPU at one token (fewer empty-expert visits) but syncs: opt-in only."""
+"""auto: triton on CUDA (grouped_mm where triton is missing), loop on CPU.
+grouped_mm: torch._grouped_mm, sync-free (on CUDA for bfloat16 on sm90+; on CPU wrapped so
+float32 compiles too): the same ops whatever the routing, so a step can be captured or compiled
+whole. loop: one gate_up and one down GEMM per expert that has rows, the counts read on the
+host. On a CPU a host read costs nothing and the loop skips the empty experts grouped_mm
+visits; its GEMMs go through cpu_bf16.linear (bfloat16 widened on CPUs without native support)."""
 
 
 def sort_pairs(
@@ -103,9 +105,10 @@ def cuda_grouped_mm_supported(x: torch.Tensor, gate_up: torch.Tensor) -> bool:
 
 
 def resolve_method(method: str, x: torch.Tensor, gate_up: torch.Tensor | QuantizedWeight) -> str:
-    """Quantized experts (quantization/weight) run the Triton kernels on CUDA and, on a CPU,
-    the per-expert loop over torch's weight-only kernels: a host read of the counts is free
-    there, and only the experts with rows are visited."""
+    """On CUDA the sync-free paths (Triton, else grouped_mm for plain weights, else the loop);
+    on a CPU the per-expert loop, for plain and quantized (torch's weight-only kernels) experts
+    alike: a host read of the counts is free there, and only the experts with rows are
+    visited."""
     if method not in METHODS:
         raise ValueError(f"unknown MoE method {method!r}; expected one of {METHODS}")
     quantized = isinstance(gate_up, QuantizedWeight)
@@ -114,7 +117,7 @@ def resolve_method(method: str, x: torch.Tensor, gate_up: torch.Tensor | Quantiz
     if method != "auto":
         return method
     if not x.is_cuda:
-        return "loop" if quantized else "grouped_mm"
+        return "loop"
     from ernie_cluster.model import triton_moe
 
     if triton_moe.is_available():
@@ -267,8 +270,7 @@ def _loop_swiglu(
     counts: torch.Tensor,
 ) -> torch.Tensor:
     """The per-expert loop: reads the counts on the host and runs one matmul pair per active
-    expert. Kept to measure against, for shapes grouped_mm rejects and for quantized experts
-    on a CPU."""
+    expert (the CPU default; on CUDA only for shapes grouped_mm rejects)."""
     out = torch.empty_like(rows)
     offset = 0
     for expert, count in enumerate(counts.tolist()):

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_cluster import cpu_bf16
 from ernie_cluster.quantization.schemes import Scheme, dequantize, quantized_values
 
 CPU_INT4_GROUPS = (32, 64, 128, 256)
@@ -135,7 +136,7 @@ class ExpertView:
 def linear(x: torch.Tensor, weight: torch.Tensor | QuantizedWeight | ExpertView) -> torch.Tensor:
     """x [*, K] times weight [N, K]^T -> [*, N], for a plain, quantized or expert weight."""
     if isinstance(weight, torch.Tensor):
-        return F.linear(x, weight)
+        return cpu_bf16.linear(x, weight) if x.device.type == "cpu" else F.linear(x, weight)
     if isinstance(weight, ExpertView):
         return _matmul(weight.weight, weight.index, x)
     return _matmul(weight, None, x)
@@ -160,7 +161,7 @@ def _pick(tensor: torch.Tensor, expert: int | None) -> torch.Tensor:
 def _cpu_matmul(weight: QuantizedWeight, expert: int | None, x: torch.Tensor) -> torch.Tensor:
     """x [M, K] in the model dtype -> [M, N] in x's dtype."""
     if weight.cpu_dense is not None:
-        return F.linear(x, _pick(weight.cpu_dense, expert))
+        return cpu_bf16.linear(x, _pick(weight.cpu_dense, expert))
     if weight.cpu_row_scale is not None:
         row_scale = _pick(weight.cpu_row_scale, expert)
         return torch._weight_int8pack_mm(x, _pick(weight.qweight, expert), row_scale)
@@ -174,4 +175,4 @@ def _cpu_matmul(weight: QuantizedWeight, expert: int | None, x: torch.Tensor) ->
         )
     # Shapes no CPU kernel takes: dequantize this weight for this call.
     dense = dequantize(_pick(weight.qweight, expert), scale, weight.scheme, x.dtype)
-    return F.linear(x, dense)
+    return cpu_bf16.linear(x, dense)

@@ -36,7 +36,9 @@ def checkpoint(tmp_path_factory):
 def run_script(runner: ModelRunner, layout: str) -> dict:
     """The mixed script under `layout`; per step: its kind and census (at W > 1)."""
     from ernie_cluster_tools.census import census_step
+    from ernie_cluster_tools.diagnostics import use_sync_free_experts
 
+    use_sync_free_experts(runner.model)  # the GPU step's MoE path: the CPU default reads counts
     runner.model.collective_layout = layout
     script, steps = mixed_script()
     census = []

@@ -95,7 +95,7 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-m{c[0]}-k{c[1]}-e{c[2]}" for c in CASES])
-@pytest.mark.parametrize("method", ["triton", "grouped_mm"])
+@pytest.mark.parametrize("method", ["triton", "grouped_mm", "loop"])
 def test_matches_per_expert_loop(method, case, dtype):
     skip_without(method)
     if method == "grouped_mm" and DEVICE == "cuda" and dtype == torch.float32:
@@ -227,6 +227,7 @@ def count_ops(fn, *args) -> list[str]:
 
 def test_same_ops_for_one_token_and_all_experts_active():
     block = Ernie4_5_MoeSparseMoeBlock(moe_config(), ShardSpec(), torch.float32, Communicator())
+    block.experts.method = "grouped_mm"  # the sync-free torch path CUDA runs without Triton
     for param in block.parameters():
         param.data.normal_(0.0, 0.1)
     block.gate.weight.data.normal_(0.0, 1.0)  # routes 256 tokens to all 64 experts
@@ -246,11 +247,12 @@ def test_same_ops_for_one_token_and_all_experts_active():
     assert not SYNC_OPS & set(block_one), block_one
 
 
-def test_loop_method_is_the_opt_in_whose_ops_follow_the_routing():
-    """The counter sees the loop's per-expert ops (on CPU .tolist() reads memory without an
-    op; the compile test below is what catches such reads on the default path)."""
-    experts = make_experts()
-    experts.method = "loop"
+def test_cpu_default_is_the_loop_whose_ops_follow_the_routing():
+    """On a CPU "auto" runs the loop, and the counter sees its per-expert ops (on CPU .tolist()
+    reads memory without an op; the compile test below is what catches such reads on the
+    sync-free path)."""
+    assert fused_moe.resolve_method("auto", torch.zeros(1), torch.zeros(1, 2, 1)) == "loop"
+    experts = make_experts()  # method "auto"
     x = torch.randn(3, 64)
     one_expert = count_ops(experts.forward_pairs, x, torch.ones(3, 6, dtype=torch.long), None)
     many_experts = count_ops(experts.forward_pairs, x, torch.arange(18).view(3, 6), None)
@@ -258,9 +260,10 @@ def test_loop_method_is_the_opt_in_whose_ops_follow_the_routing():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_cpu_default_path_compiles_whole(dtype):
+def test_sync_free_path_compiles_whole(dtype):
     """A graph break or a data-dependent shape would fail here: the CUDA-graph-safety proxy."""
     experts = make_experts(dtype=dtype)
+    experts.method = "grouped_mm"
     torch._dynamo.reset()
     compiled = torch.compile(experts.forward_pairs, fullgraph=True, backend="eager")
     gen = torch.Generator().manual_seed(1)

@@ -50,7 +50,9 @@ def run_steps(runner: ModelRunner) -> dict:
 def capture(runner: ModelRunner, whole_decode: bool) -> list:
     """Capture under the fake API; returns the fake graphs (their replay counts)."""
     from ernie_cluster.worker.cuda_graphs import DecodeGraphs
+    from ernie_cluster_tools.diagnostics import use_sync_free_experts
 
+    use_sync_free_experts(runner.model)  # CUDA's MoE path; the CPU default reads counts
     with fake_cuda_graph_api() as made:
         if whole_decode:
             runner.cuda_graphs = DecodeGraphs.capture(runner)

@@ -17,7 +17,7 @@ from ernie_cluster.step_io import (
     SchedulerOutput,
 )
 from ernie_cluster.worker.model_runner import ModelRunner
-from ernie_cluster_tools.diagnostics import SyncRecorder
+from ernie_cluster_tools.diagnostics import SyncRecorder, use_sync_free_experts
 
 BLOCK_SIZE = 4
 
@@ -33,6 +33,7 @@ def make_runner(checkpoint, **overrides) -> ModelRunner:
         **overrides,
     )
     model = load_model(checkpoint, dtype="float32", show_progress=False)
+    use_sync_free_experts(model)  # the GPU step's MoE path: the CPU default reads counts
     return ModelRunner(model, num_blocks=64, config=config, device="cpu")
 
 
@@ -145,6 +146,7 @@ def _rank_main(rank: int, world: int, port: int, checkpoint: str, out_dir: str) 
             show_progress=False,
             comm=Communicator(rank, world),
         )
+        use_sync_free_experts(model)
         runner = ModelRunner(model, num_blocks=64, config=config, device="cpu")
         params = [SamplingParams(temperature=0.0, max_tokens=4, logprobs=2)] * 3
         decode = prefill_then_decode(runner, params)
