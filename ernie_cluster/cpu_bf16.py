@@ -71,6 +71,9 @@ def _slab_buffer(elements: int) -> torch.Tensor:
     """This thread's float32 scratch of at least `elements` (grown, never shrunk)."""
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None or buffer.numel() < elements:
-        buffer = torch.empty(elements, dtype=torch.float32)
+        # NOTE: a normal tensor even when first asked for under inference_mode: an inference
+        # tensor could not be written outside it later.
+        with torch.inference_mode(False):
+            buffer = torch.empty(elements, dtype=torch.float32)
         _scratch.buffer = buffer
     return buffer

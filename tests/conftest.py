@@ -35,3 +35,13 @@ def ray_cluster():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _cpu_bf16_widening_restored():
+    """Tools that run the GPU path on CPU tensors (kernel_counter.use_gpu_path) switch the
+    process-wide bfloat16 widening off; no test may inherit that from an earlier one."""
+    yield
+    from ernie_cluster import cpu_bf16
+
+    cpu_bf16.set_widening(True)

@@ -98,3 +98,13 @@ def test_widened_attention_matches_a_float64_oracle(widened):
     want = reference_attention(q, kv_cache, tables.meta, scale)  # the cache now holds k, v
     # float32 arithmetic, one rounding to bfloat16 at the end
     assert ((got.double() - want).abs() <= bf16_ulp(want) + 1e-6).all()
+
+
+def test_scratch_made_under_inference_mode_serves_outside_it(widened, monkeypatch):
+    """The engine steps under inference_mode; prompt scoring and tests may not."""
+    monkeypatch.setattr(cpu_bf16, "_scratch", type(cpu_bf16._scratch)())  # a fresh thread-local
+    x, weight = torch.ones(2, 8).bfloat16(), torch.ones(4, 8).bfloat16()
+    with torch.inference_mode():
+        inside = linear(x, weight)
+    assert torch.equal(linear(x, weight), inside)
+    assert (inside == 8).all()

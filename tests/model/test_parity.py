@@ -82,9 +82,18 @@ def test_float32_logits_match(variant):
     assert (got - expected).abs().max().item() < 1e-4
 
 
-def test_bfloat16_logits_match(variant):
+def test_bfloat16_logits_match(variant, monkeypatch):
     from transformers import Ernie4_5_MoeForCausalLM
 
+    from ernie_cluster import cpu_bf16
+
+    # NOTE: where the model rounds to bfloat16 is checked here, with the same GEMM kernels
+    # as transformers (oneDNN's). On a CPU without native bfloat16 ours widen GEMMs to
+    # float32 instead: the same roundings, another order of additions (tests/model/
+    # test_cpu_bf16.py), and on these random models any ulp flips a routing somewhere, so
+    # logits then stand as far from transformers' as transformers' bfloat16 stands from
+    # float32 (up to 0.8 relative).
+    monkeypatch.setattr(cpu_bf16, "_widening", False)
     hf_model, path = variant
     # from_pretrained keeps the router and its bias in float32, as the real checkpoint does.
     reference = Ernie4_5_MoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
