@@ -1,4 +1,5 @@
-"""Speculative decoding on and off, in the same run, per method (`ngram`, `suffix`).
+"""Speculative decoding on and off, in the same run, per method (`ngram`, `suffix`, and
+`draft_model` when asked).
 
 Three offline workloads, greedy (float32 by default, so outputs must be identical), at
 most --max-num-seqs sequences decoding at once, one `LLM.generate` call per timed run, engines
@@ -22,8 +23,15 @@ Printed per workload and method: output tokens/s off and on (median of --repeats
 the acceptance rate, the mean accepted length, and how many outputs were identical (greedy:
 all must be).
 
+`draft_model` (not in the default --methods) needs a draft with the target's vocabulary, and
+these checkpoints have no trained small sibling: --draft random (default) is a 2-layer random
+checkpoint (it proposes garbage: the cost of running a draft that never helps), --draft self
+the target as its own draft (proposals always right, but the draft costs a target: an
+acceptance ceiling, not a speed figure), or a checkpoint directory.
+
     .venv/bin/python benchmarks/bench_speculative.py
     .venv/bin/python benchmarks/bench_speculative.py --workloads copy --methods suffix -k 6
+    .venv/bin/python benchmarks/bench_speculative.py --methods draft_model --draft self
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ from common import (
 
 WORKLOADS = ("demo", "copy", "wrong")
 METHODS = ("ngram", "suffix")
+"""The default --methods; draft_model runs when named."""
 FORBIDDEN_TOKEN = 3
 """The token every `wrong` proposal is made of; each request bans it with logit_bias."""
 
@@ -91,6 +100,27 @@ def wrong_workload(args: argparse.Namespace):
     return str(checkpoint("mini")), args.dtype, [prompts] * (1 + args.repeats), params
 
 
+def draft_checkpoint(args: argparse.Namespace, model: str) -> str:
+    """The draft model for `model` that --draft names (see the module docstring)."""
+    if args.draft == "self":
+        return model
+    if args.draft != "random":
+        return args.draft
+    from ernie_cluster.config.model_config import ErnieMoeConfig
+    from ernie_cluster_tools.fixtures.make_tiny import make_tiny_checkpoint
+
+    target = ErnieMoeConfig.from_pretrained(model)
+    path = OUT_DIR / f"draft-random-vocab{target.vocab_size}"
+    if not (path / "config.json").is_file():
+        overrides = {
+            "vocab_size": target.vocab_size,
+            "num_hidden_layers": 2,
+            "max_position_embeddings": target.max_position_embeddings,
+        }
+        make_tiny_checkpoint(path, preset="tiny", seed=1, overrides=overrides, force=True)
+    return str(path)
+
+
 def always_wrong(llm) -> None:
     """Make the engine's proposer offer k forbidden tokens whenever it may propose."""
     proposer = llm.engine.proposer
@@ -106,6 +136,8 @@ def run_workload(args: argparse.Namespace, workload: str, method: str) -> dict:
         "wrong": wrong_workload,
     }[workload](args)
     spec = {"method": method, "num_speculative_tokens": args.k}
+    if method == "draft_model":
+        spec["model"] = draft_checkpoint(args, model)
     common = dict(
         model=model,
         dtype=dtype,
@@ -150,6 +182,7 @@ def run_workload(args: argparse.Namespace, workload: str, method: str) -> dict:
     result = {
         "workload": workload,
         "method": method,
+        "draft": spec.get("model"),
         "k": args.k,
         "prompts": len(prompts),
         "output_tokens": tokens,
@@ -163,7 +196,7 @@ def run_workload(args: argparse.Namespace, workload: str, method: str) -> dict:
         "background_cores": load.cores,
     }
     print(
-        f"  {workload:5} {method:6} off {rates['off']:7.1f} tok/s  on {rates['on']:7.1f} tok/s"
+        f"  {workload:5} {method:11} off {rates['off']:7.1f} tok/s  on {rates['on']:7.1f} tok/s"
         f"  {result['speedup']:.2f}x  acceptance {stats.acceptance_rate:.2f}  mean accepted "
         f"length {stats.mean_accepted_length:.2f}  identical {same}/{len(pairs)}  "
         f"({load.describe()})",
@@ -177,6 +210,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated")
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated")
     parser.add_argument("-k", type=int, default=4, help="num_speculative_tokens")
+    parser.add_argument(
+        "--draft",
+        default="random",
+        help="draft_model's draft: random (a 2-layer random checkpoint), self, or a path",
+    )
     parser.add_argument(
         "--dtype", default="float32", help="model dtype (float32: greedy outputs must be equal)"
     )

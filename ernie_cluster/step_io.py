@@ -69,6 +69,10 @@ class SchedulerOutput:
     """Speculative decoding: the proposed tokens a request verifies this step. Its scheduled
     tokens are its last sampled token plus these; it samples at each of the 1 + k positions
     and keeps the proposals up to the first one the target disagrees with."""
+    num_lookahead_tokens: dict[str, int] = field(default_factory=dict)
+    """draft_model: requests that sample this step and then get n draft proposals, by n. Their
+    tables hold n slots past the scheduled tokens, where the draft's KV of its proposal steps
+    lands (worker/draft_runner, rank 0 only)."""
     kv_saves: list[tuple[int, int]] = field(default_factory=list)
     """Host KV tier: (device block, host slot) copies run before this step's forward (the
     device blocks are reused by it). Every rank copies its own shard."""
@@ -100,3 +104,6 @@ class ModelRunnerOutput:
     prompt_logprobs: dict[str, list[dict[int, float]]] = field(default_factory=dict)
     """Requests with `params.prompt_logprobs`: one {token_id: logprob} per prompt token this
     step predicted (positions 1.. of the prompt, in order, continuing the previous steps')."""
+    draft_token_ids: dict[str, list[int]] = field(default_factory=dict)
+    """draft_model: the draft's greedy proposals for each request in `num_lookahead_tokens`
+    that sampled, continuing its new tokens (the proposer gates them before the next step)."""

@@ -61,8 +61,9 @@ class EngineSettings(BaseModel):
     speculative_config: SpeculativeConfig | None = Field(
         None,
         description="speculative decoding, as JSON: "
-        '\'{"method": "ngram", "num_speculative_tokens": 4}\' (methods ngram, suffix; '
-        "greedy and sampled outputs keep their distribution; unset: off)",
+        '\'{"method": "ngram", "num_speculative_tokens": 4}\' (methods ngram, suffix, '
+        'draft_model with "model": a draft checkpoint; greedy and sampled outputs keep their '
+        "distribution; unset: off)",
     )
     device: str = Field("cpu", description="torch device of the workers ('cuda' on GPU nodes)")
     tensor_parallel_size: int = Field(

@@ -1,7 +1,11 @@
-"""Typed view of an `ernie4_5_moe` checkpoint's config.json.
+"""Typed view of an ERNIE-4.5 checkpoint's config.json: `ernie4_5_moe` (the 21B-A3B) or the
+dense `ernie4_5` (0.3B).
 
 Owns parsing, defaults and cross-field validation of the model architecture. It never
-touches tensors; everything downstream reads the architecture from `ErnieMoeConfig`.
+touches tensors; everything downstream reads the architecture from `ErnieMoeConfig`. A dense
+checkpoint is the same decoder with no MoE layer (every layer the dense SwiGLU MLP; attention,
+RoPE, norms and the tied head are identical in transformers' two implementations), so it maps
+to an `ErnieMoeConfig` whose moe_* fields say "no MoE".
 """
 
 from __future__ import annotations
@@ -11,13 +15,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("ernie4_5_moe",)
+MOE_MODEL_TYPE = "ernie4_5_moe"
+DENSE_MODEL_TYPE = "ernie4_5"
+SUPPORTED_MODEL_TYPES = (MOE_MODEL_TYPE, DENSE_MODEL_TYPE)
 SUPPORTED_ACTIVATIONS = ("silu",)
+
+DENSE_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 1024,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 128,
+}
+"""transformers' Ernie4_5Config defaults (ERNIE-4.5-0.3B) where they differ from ours: a dense
+config.json that leaves a key out means these. NOTE: head_dim 128 is not hidden // heads (64)."""
+
+NO_MOE: dict[str, Any] = {
+    "moe_num_experts": 0,
+    "moe_k": 0,
+    "moe_num_shared_experts": 0,
+    "moe_intermediate_size": 0,
+    "moe_layer_start_index": 0,
+    "moe_layer_end_index": -1,
+}
+"""The moe_* values of a dense model: no experts and an empty layer range [0, -1]."""
 
 
 @dataclass(frozen=True)
 class ErnieMoeConfig:
-    """Architecture of an ERNIE-4.5 MoE model (defaults: ERNIE-4.5-21B-A3B)."""
+    """Architecture of an ERNIE-4.5 model (defaults: ERNIE-4.5-21B-A3B); for a dense
+    checkpoint `moe_layer_ids` is empty."""
 
     vocab_size: int = 103424
     hidden_size: int = 2560
@@ -40,7 +68,8 @@ class ErnieMoeConfig:
     moe_num_shared_experts: int = 2
     moe_layer_start_index: int = 1
     moe_layer_end_index: int = 27
-    """Inclusive; -1 in config.json means the last layer."""
+    """Inclusive; -1 in an `ernie4_5_moe` config.json means the last layer (a dense model's
+    range is [0, -1]: empty)."""
     moe_layer_interval: int = 1
     moe_norm_min: float = 1e-12
     bos_token_id: int | None = 1
@@ -56,13 +85,19 @@ class ErnieMoeConfig:
     # ----------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ErnieMoeConfig:
-        model_type = raw.get("model_type", "ernie4_5_moe")
+        model_type = raw.get("model_type", MOE_MODEL_TYPE)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type {model_type!r} is not supported; expected one of {SUPPORTED_MODEL_TYPES}"
             )
+        dense = model_type == DENSE_MODEL_TYPE
         known = {f for f in cls.__dataclass_fields__ if f not in ("extra", "eos_token_ids")}
+        if dense:  # NOTE: transformers' dense model reads no moe_* key; they stay in `extra`
+            known -= set(NO_MOE) | {"moe_layer_interval", "moe_norm_min"}
         values: dict[str, Any] = {k: raw[k] for k in known if k in raw and raw[k] is not None}
+        if dense:
+            absent = {k: v for k, v in DENSE_DEFAULTS.items() if k not in raw}
+            values = {**absent, **values, **NO_MOE}
 
         rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
         if "rope_theta" not in values and isinstance(rope, dict) and "rope_theta" in rope:
@@ -72,7 +107,7 @@ class ErnieMoeConfig:
             raise ValueError(f"rope_type {rope_type!r} is not supported; only 'default' RoPE is")
 
         num_layers = int(values.get("num_hidden_layers", cls.num_hidden_layers))
-        if values.get("moe_layer_end_index", -1) == -1:
+        if not dense and values.get("moe_layer_end_index", -1) == -1:
             values["moe_layer_end_index"] = num_layers - 1
         if "head_dim" not in values:
             hidden = int(values.get("hidden_size", cls.hidden_size))
@@ -142,7 +177,6 @@ class ErnieMoeConfig:
             "num_key_value_heads",
             "head_dim",
             "max_position_embeddings",
-            "moe_intermediate_size",
             "moe_layer_interval",
         )
         for name in positive:
@@ -161,13 +195,19 @@ class ErnieMoeConfig:
                 f"hidden_act {self.hidden_act!r} is not supported; expected {SUPPORTED_ACTIVATIONS}"
             )
         if self.use_bias:
-            raise ValueError("use_bias=True is not supported: ERNIE-4.5 MoE has no linear biases")
+            raise ValueError("use_bias=True is not supported: ERNIE-4.5 checkpoints have no biases")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError(
                 f"rms_norm_eps ({self.rms_norm_eps}) and rope_theta ({self.rope_theta}) must be > 0"
             )
         if self.moe_num_experts < 1 and self.moe_layer_ids:
             raise ValueError(f"moe_num_experts must be >= 1, got {self.moe_num_experts}")
+        if self.moe_layer_ids and (
+            not isinstance(self.moe_intermediate_size, int) or self.moe_intermediate_size <= 0
+        ):
+            raise ValueError(
+                f"moe_intermediate_size must be a positive integer, got {self.moe_intermediate_size!r}"
+            )
         if self.moe_layer_ids and not 1 <= self.moe_k <= self.moe_num_experts:
             raise ValueError(
                 f"moe_k ({self.moe_k}) must be between 1 and moe_num_experts "

@@ -2,7 +2,8 @@
 
 One declaration of what an operator may set: the method and how many tokens it proposes per
 step, plus each method's own knobs under vLLM's names. The proposers themselves live in
-`engine/speculative/`; the verification rides in the normal step (worker/model_runner).
+`engine/speculative/` (a draft model's forwards in worker/draft_runner); the verification rides
+in the normal step (worker/model_runner).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SpeculativeMethod = Literal["ngram", "suffix"]
+SpeculativeMethod = Literal["ngram", "suffix", "draft_model"]
 
 
 class SpeculativeConfig(BaseModel):
@@ -21,7 +22,8 @@ class SpeculativeConfig(BaseModel):
 
     method: SpeculativeMethod = Field(
         description="ngram: prompt lookup over the request's own tokens; suffix: a suffix "
-        "structure over the request's tokens and recent outputs of other requests"
+        "structure over the request's tokens and recent outputs of other requests; "
+        "draft_model: greedy tokens of a small checkpoint with the same vocabulary (`model`)"
     )
     num_speculative_tokens: int = Field(
         ge=1, le=32, description="most tokens proposed per sequence and step (k)"
@@ -33,6 +35,14 @@ class SpeculativeConfig(BaseModel):
         description="propose the n-th token of a step only while the sequence's recent "
         "acceptance rate to the power n stays above this (0: always k); a sequence whose "
         "proposals keep failing proposes one token every 16 steps",
+    )
+    model: str | None = Field(
+        None,
+        description="draft_model: the draft checkpoint (directory or Hugging Face repo id), "
+        "same vocabulary as the target; run unsharded on rank 0 in the target's dtype",
+    )
+    draft_tensor_parallel_size: int | None = Field(
+        None, description="draft_model: shards of the draft (only 1: it runs on rank 0 alone)"
     )
     prompt_lookup_min: int = Field(
         2, ge=1, description="ngram: shortest suffix of the sequence matched earlier in it"
@@ -60,8 +70,29 @@ class SpeculativeConfig(BaseModel):
         description="suffix: stop a proposal at a token seen after the match less often than this",
     )
 
+    @property
+    def num_lookahead_tokens(self) -> int:
+        """KV slots a sequence needs past its step for the draft's proposals: k with
+        draft_model (worker/draft_runner), 0 for the methods without a model."""
+        return self.num_speculative_tokens if self.method == "draft_model" else 0
+
     @model_validator(mode="after")
-    def _check_lookup(self) -> SpeculativeConfig:
+    def _check_method_fields(self) -> SpeculativeConfig:
+        if self.method == "draft_model" and not self.model:
+            raise ValueError(
+                "method 'draft_model' needs the draft checkpoint: "
+                '{"method": "draft_model", "model": "<path or repo id>", ...}'
+            )
+        if self.method != "draft_model" and self.model is not None:
+            raise ValueError(
+                f"model ({self.model!r}) is the draft checkpoint of method 'draft_model'; "
+                f"method {self.method!r} proposes without one"
+            )
+        if self.draft_tensor_parallel_size not in (None, 1):
+            raise ValueError(
+                f"draft_tensor_parallel_size must be 1 (the draft runs unsharded on rank 0), "
+                f"got {self.draft_tensor_parallel_size}"
+            )
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(
                 f"prompt_lookup_min ({self.prompt_lookup_min}) must be <= prompt_lookup_max "

@@ -147,16 +147,17 @@ class LLMEngine:
             self.config.enable_prefix_caching,
             num_host_blocks=num_host_blocks,
         )
+        spec = self.config.speculative_config
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=self.config.max_num_seqs,
                 max_num_batched_tokens=self.config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
+                num_lookahead_tokens=spec.num_lookahead_tokens if spec else 0,
             ),
             self.kv_cache,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        spec = self.config.speculative_config
         self.proposer = SpeculativeProposer(spec, self.max_model_len) if spec else None
         self._arrival = itertools.count()
         self._num_prompt_tokens = 0
@@ -273,6 +274,8 @@ class LLMEngine:
         appended = self.scheduler.update_from_output(
             scheduler_output, runner_output.sampled_token_ids
         )
+        if self.proposer is not None:
+            self.proposer.take_draft_tokens(runner_output.draft_token_ids)
         for req_id, entries in runner_output.prompt_logprobs.items():
             self.output_processor.add_prompt_logprobs(req_id, entries)
         touched: dict[str, RequestGroup] = {}

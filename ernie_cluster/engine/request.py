@@ -78,6 +78,9 @@ class Request:
     last_verified: tuple[int, int] | None = None
     """(proposals verified, accepted) by the last step that verified some; the proposer
     reads and clears it."""
+    num_lookahead_tokens: int | None = None
+    """draft_model: proposals the draft makes after this sequence's next sampling step (the
+    proposer sets it; None: the scheduler's default, k)."""
     answer_start_token_id: int | None = None
     """Stop strings apply only after this token (`<response>`) and the newline that follows
     it; None: from the first output token."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from ernie_cluster.engine.kv_cache import KVCacheManager
 from ernie_cluster.engine.request import Request, RequestStatus
 from ernie_cluster.engine.speculative.stats import SpecDecodeStats
+from ernie_cluster.engine.speculative.step_slots import add_proposals, reserve_lookahead
 from ernie_cluster.step_io import (
     CachedRequestData,
     NewRequestData,
@@ -33,6 +34,9 @@ class SchedulerConfig:
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    num_lookahead_tokens: int = 0
+    """draft_model: slots reserved past a sampling request's tokens for the draft's
+    proposals, unless the request says otherwise (vLLM's num_lookahead_tokens; 0: none)."""
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
@@ -146,7 +150,8 @@ class Scheduler:
         # NOTE: no new admissions in a step that had to preempt: memory is short.
         if not preempted:
             budget = self._admit_waiting(out, budget)
-            self._add_proposals(out, budget)
+            add_proposals(self, out, budget)
+            reserve_lookahead(self, out)
 
         out.kv_saves, out.kv_loads = self.kv_cache.take_copy_ops()
         self.stats.num_running = len(self.running)
@@ -154,31 +159,23 @@ class Scheduler:
         self.stats.num_scheduled_tokens += out.total_num_scheduled_tokens
         return out
 
-    def _add_proposals(self, out: SchedulerOutput, budget: int) -> None:
-        """Let decoding requests verify their proposals in what the step left over: budget
-        and free blocks no decode, prefill chunk or admission took, so a proposal never
-        delays, preempts or keeps out anyone."""
-        for request in self.running:
-            req_id = request.request_id
-            if budget <= 0:
-                return
-            if not request.spec_token_ids or out.num_scheduled_tokens.get(req_id) != 1:
-                continue
-            if request.num_computed_tokens != request.num_tokens:
-                continue  # not a decode: the last prompt token of a chunked prefill
-            num_drafts = min(len(request.spec_token_ids), budget)
-            table = self.kv_cache.allocate_slots(req_id, request.num_tokens + num_drafts)
-            if table is None:
-                continue
-            sent = self._num_sent_blocks[req_id]
-            if len(table) > sent:
-                entry = next(c for c in out.cached_requests if c.req_id == req_id)
+    def extend_table(self, out: SchedulerOutput, request: Request, num_tokens: int) -> bool:
+        """Grow the table of a request scheduled in `out` to hold `num_tokens` from the free
+        blocks, its new blocks sent with its entry; False (nothing taken) when short."""
+        req_id = request.request_id
+        table = self.kv_cache.allocate_slots(req_id, num_tokens)
+        if table is None:
+            return False
+        sent = self._num_sent_blocks[req_id]
+        if len(table) > sent:
+            entry = next((c for c in out.cached_requests if c.req_id == req_id), None)
+            if entry is not None:
                 entry.new_block_ids.extend(table[sent:])
-                self._num_sent_blocks[req_id] = len(table)
-            out.spec_token_ids[req_id] = request.spec_token_ids[:num_drafts]
-            out.num_scheduled_tokens[req_id] += num_drafts
-            request.num_computed_tokens += num_drafts
-            budget -= num_drafts
+            else:  # new to the workers this step: its entry carries the whole table
+                new = next(n for n in out.new_requests if n.req_id == req_id)
+                new.block_ids.extend(table[sent:])
+            self._num_sent_blocks[req_id] = len(table)
+        return True
 
     def _finish_loading(self) -> None:
         """Last step's copies are in the workers' queues ahead of this step: run those
@@ -376,7 +373,8 @@ class Scheduler:
                     stopped.setdefault(status, []).append(req_id)
                     break
             self._cache(request)
-            if drafts and tokens and request.status == RequestStatus.RUNNING:
+            lookahead = req_id in out.num_lookahead_tokens
+            if (drafts or lookahead) and tokens and request.status == RequestStatus.RUNNING:
                 self._trim(request)
             if kept:
                 appended.append((request, kept))
@@ -392,8 +390,8 @@ class Scheduler:
             self.kv_cache.cache_blocks(request.request_id, request.all_token_ids, num_computed)
 
     def _trim(self, request: Request) -> None:
-        """Give back the blocks only rejected proposals used; the workers cut their tables
-        to match on the request's next step."""
+        """Give back the blocks only rejected proposals or the draft's lookahead used; the
+        workers cut their tables to match on the request's next step."""
         kept = self.kv_cache.trim(request.request_id, request.num_tokens)
         if kept is not None:
             self._num_sent_blocks[request.request_id] = kept

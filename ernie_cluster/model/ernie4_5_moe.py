@@ -9,6 +9,8 @@ sharded by TOKENS (rank r holds rows [r*n, (r+1)*n) of the batch padded to W*n; 
 all-gathers and reduce-scatters, the MoE exchanges pairs all-to-all). Embedding and lm_head
 are split over the vocabulary. With one rank every collective is an identity and the numerics
 are those of the reference implementation.
+A dense ERNIE-4.5 checkpoint (`ernie4_5`, the 0.3B: transformers' Ernie4_5ForCausalLM) is this
+model with no MoE layer (config/model_config): every layer runs the dense SwiGLU MLP.
 Module names mirror the checkpoint's so a weight name greps to its module.
 """
 

@@ -171,6 +171,7 @@ def determine_num_kv_blocks(
     config: EngineConfig,
     device: torch.device,
     measure_memory: MemorySource | None = None,
+    draft: Ernie4_5_MoeForCausalLM | None = None,
 ) -> int:
     """KV blocks for this rank, equal on every rank (every rank must call this).
 
@@ -180,12 +181,17 @@ def determine_num_kv_blocks(
     slow every CPU start). `measure_memory` replaces the CUDA profile (tests simulate ranks
     with different free memory with it, on any device). Ranks whose free memory differs get
     different budgets; all take the smallest block count, so their caches match. Raises
-    ValueError on every rank when some rank's budget holds less than one block.
+    ValueError on every rank when some rank's budget holds less than one block. A `draft`
+    model (draft_model, rank 0) keeps a cache of the same blocks: its bytes count in each
+    block here (its forwards run after the target's and are smaller: not profiled).
     """
     if config.num_kv_blocks is not None:
         return config.num_kv_blocks
     cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, model.dtype)
     bytes_per_block = kv_cache_bytes_per_block(model, config.block_size, cache_dtype)
+    if draft is not None:
+        draft_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, draft.dtype)
+        bytes_per_block += kv_cache_bytes_per_block(draft, config.block_size, draft_dtype)
     profile = None
     if config.kv_cache_memory_bytes is not None:
         budget = config.kv_cache_memory_bytes

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOu
 from ernie_cluster.worker import prompt_logprobs
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
 from ernie_cluster.worker.kv_offload import HostKVPool
+
+if TYPE_CHECKING:
+    from ernie_cluster.worker.draft_runner import DraftRunner
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +111,8 @@ class ModelRunner:
         self.piecewise_graphs = None
         self.prompt_plan: prompt_logprobs.PromptLogprobsPlan | None = None
         """The last prepared step's prompt-logprob rows (None: no request asked)."""
+        self.draft: DraftRunner | None = None
+        """draft_model on rank 0: mirrors each step in its own cache, then proposes."""
 
     def capture_cuda_graphs(self) -> None:
         """Capture the step graphs (CUDA only, unless enforce_eager; at W > 1 only when asked)."""
@@ -241,6 +247,8 @@ class ModelRunner:
     def execute_model(self, out: SchedulerOutput) -> ModelRunnerOutput:
         if self.kv_offload is not None:  # host KV tier copies (worker/kv_offload.py)
             self.kv_offload.execute(out.kv_saves, out.kv_loads)
+        if self.draft is not None:
+            self.draft.copy_blocks(out)
         self.update_states(out)
         if out.is_empty:
             return ModelRunnerOutput()
@@ -258,10 +266,12 @@ class ModelRunner:
         result = ModelRunnerOutput()
         if prompt_plan is not None:
             result.prompt_logprobs = prompt_logprobs.compute(self.model, hidden, prompt_plan)
-        if not sample_ids:
-            return result
-        logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
-        return self._sample(logits, sample_ids, out.grammar, result, out.spec_token_ids)
+        if sample_ids:
+            logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
+            self._sample(logits, sample_ids, out.grammar, result, out.spec_token_ids)
+        if self.draft is not None:  # worker/draft_runner
+            result.draft_token_ids = self.draft.propose(self, inputs, out, result)
+        return result
 
     def _sample(
         self,

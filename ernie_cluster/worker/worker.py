@@ -1,5 +1,5 @@
-"""One rank's worker: loads its shard of the model, sizes (worker/kv_cache_sizing) and owns
-its KV cache, runs steps.
+"""One rank's worker: loads its shard of the model (and on rank 0 a draft_model's draft,
+worker/draft_runner), sizes (worker/kv_cache_sizing) and owns its KV cache, runs steps.
 
 The same class runs in-process (LocalExecutor) and inside a Ray actor (RayExecutor). It never
 schedules: it executes the SchedulerOutput it is given.
@@ -19,6 +19,7 @@ from ernie_cluster.loader.model_loader import load_model
 from ernie_cluster.model.sharding import ShardSpec
 from ernie_cluster.quantization.apply import weight_bytes
 from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
+from ernie_cluster.worker.draft_runner import DraftRunner, load_draft_model
 from ernie_cluster.worker.kv_cache_sizing import determine_num_kv_blocks
 from ernie_cluster.worker.model_runner import ModelRunner
 
@@ -58,8 +59,13 @@ class Worker:
         # NOTE: a max_model_len beyond the checkpoint's max_position_embeddings needs more
         # RoPE rows than the model builds by default.
         self.model.rotary.extend(max_model_len_for(config.max_model_len, self.model.config))
-        self.num_kv_blocks = determine_num_kv_blocks(self.model, config, self.device)
+        # NOTE: a draft model (draft_model) loads on rank 0 before sizing, which counts its
+        # weights as used memory and its KV in each block's bytes.
+        draft = load_draft_model(config, self.model, self.device) if rank == 0 else None
+        self.num_kv_blocks = determine_num_kv_blocks(self.model, config, self.device, draft=draft)
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config, self.device)
+        if draft is not None:
+            self.runner.draft = DraftRunner(draft, self.runner)
         self.runner.capture_cuda_graphs()
         # NOTE: the profiling and capture forwards routed dummy tokens; served load starts here.
         for name, buffer in self.model.named_buffers():

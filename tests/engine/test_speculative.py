@@ -34,9 +34,14 @@ def copy_heavy_prompts(count: int, seed: int) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_checkpoint):
+    return greedy_reference(tiny_checkpoint)
+
+
+def greedy_reference(checkpoint):
+    """Copy-heavy and random prompts, their max_tokens, and transformers' greedy tokens."""
     from transformers import Ernie4_5_MoeForCausalLM
 
-    hf = Ernie4_5_MoeForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+    hf = Ernie4_5_MoeForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
     rng = random.Random(1)
     prompts = copy_heavy_prompts(8, seed=1) + random_prompts(8, 512, seed=1, lengths=(1, 200))
     max_tokens = [rng.randint(8, 48) for _ in prompts]
@@ -240,12 +245,14 @@ def chi_square_p_value(counts: list[int], probs: list[float]) -> float:
     return float(torch.special.gammaincc(dof, torch.tensor(statistic / 2, dtype=torch.float64)))
 
 
-@pytest.mark.slow  # 600 sampled sequences plus the transformers oracle: ~40 s
-def test_sampling_keeps_the_targets_distribution(tiny_checkpoint):
+@pytest.mark.slow  # 600 sampled sequences plus the transformers oracle: ~40 s a method
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_sampling_keeps_the_targets_distribution(method, tiny_checkpoint):
     """600 seeded samples of 3 tokens at temperature 1, top-k 4. The first token is always
     sampled plainly; the second is where a proposal is verified: the target's most likely
     token after the first (accepted about as often as it would be sampled, rejected
-    otherwise). For each first token, the second token's counts must fit transformers'
+    otherwise), given to the ngram proposer, or the greedy token of the target as its own
+    draft model. For each first token, the second token's counts must fit transformers'
     top-4 distribution after it."""
     from transformers import Ernie4_5_MoeForCausalLM
 
@@ -264,7 +271,9 @@ def test_sampling_keeps_the_targets_distribution(tiny_checkpoint):
         SamplingParams(temperature=1.0, top_k=top_k, max_tokens=3, seed=i, ignore_eos=True)
         for i in range(600)
     ]
-    spec = {"method": "ngram", "num_speculative_tokens": 1}
+    spec = {"method": method, "num_speculative_tokens": 1}
+    if method == "draft_model":
+        spec["model"] = str(tiny_checkpoint)
     with LLM(
         model=str(tiny_checkpoint), dtype="float32", show_progress=False, speculative_config=spec
     ) as llm:
@@ -274,7 +283,8 @@ def test_sampling_keeps_the_targets_distribution(tiny_checkpoint):
             support, _ = after[requests[req_id].output_token_ids[-1]]
             return support[:1]
 
-        llm.engine.proposer._method.propose = propose
+        if method == "ngram":
+            llm.engine.proposer._method.propose = propose
         outputs = [o.outputs[0].token_ids for o in llm.generate([prompt] * len(params), params)]
         stats = llm.get_stats().spec_decode
     assert 0 < stats.num_accepted_tokens < stats.num_draft_tokens

@@ -220,3 +220,95 @@ def test_proposals_take_only_what_the_step_left_over():
     assert out.num_scheduled_tokens == {"a": 5}
     (cached,) = out.cached_requests
     assert cached.new_block_ids == kv.get_block_ids("a")[2:]
+
+
+def test_draft_model_settings_parse_from_the_flag():
+    parser = argparse.ArgumentParser()
+    add_model_args(parser, EngineSettings, "engine")
+    flag = (
+        '{"method": "draft_model", "model": "/ckpt/draft", "num_speculative_tokens": 3, '
+        '"draft_tensor_parallel_size": 1}'
+    )
+    args = parser.parse_args(["--speculative-config", flag])
+    spec = EngineSettings(**model_values(args, EngineSettings)).speculative_config
+    assert (spec.method, spec.model, spec.num_lookahead_tokens) == ("draft_model", "/ckpt/draft", 3)
+    assert SpeculativeConfig(method="suffix", num_speculative_tokens=3).num_lookahead_tokens == 0
+
+
+def test_lookahead_slots_for_the_draft_come_from_free_blocks_and_go_back():
+    # Blocks of 4. A (6 prompt tokens) prefills and samples: 7 tokens after the step, the
+    # draft writes positions 6..8 (3 lookahead slots past its 6 computed): 3 blocks. B's
+    # prompt chunk stops short of its end: it samples nothing, gets no lookahead.
+    kv = KVCacheManager(num_blocks=32, block_size=4)
+    config = SchedulerConfig(max_num_batched_tokens=10, max_model_len=64, num_lookahead_tokens=3)
+    scheduler = Scheduler(config, kv)
+    a = _request("a", [3, 4, 5, 6, 7, 8])
+    b = _request("b", [9] * 12)
+    scheduler.add_request(a)
+    scheduler.add_request(b)
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"a": 6, "b": 4}
+    assert out.num_lookahead_tokens == {"a": 3}
+    new_a = next(n for n in out.new_requests if n.req_id == "a")
+    assert new_a.block_ids == kv.get_block_ids("a") and len(new_a.block_ids) == 3
+    # Once the step's token is in, the lookahead block goes back (A needs 2 for 7 tokens).
+    scheduler.update_from_output(out, {"a": [20]})
+    assert len(kv.get_block_ids("a")) == 2
+    # A's own count wins over the default (B, finishing its prompt now, gets that).
+    a.num_lookahead_tokens = 1
+    out = scheduler.schedule()
+    assert out.num_lookahead_tokens == {"a": 1, "b": 3}
+    (cached_a,) = [c for c in out.cached_requests if c.req_id == "a"]
+    assert cached_a.num_kept_blocks == 2
+    scheduler.update_from_output(out, {"a": [21], "b": [22]})
+    scheduler.finish_requests(["b"], RequestStatus.FINISHED_ABORTED)
+    # No slot past max_model_len: A has one left, its next decode's.
+    scheduler.config.max_model_len = a.num_tokens
+    a.num_lookahead_tokens = None
+    out = scheduler.schedule()
+    assert out.num_scheduled_tokens == {"a": 1} and out.num_lookahead_tokens == {}
+    scheduler.finish_requests(["a"], RequestStatus.FINISHED_ABORTED)
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_lookahead_never_takes_a_block_another_request_needs():
+    # 5 blocks of 4: after both prefills one block is free and B's next decode needs it.
+    kv = KVCacheManager(num_blocks=5, block_size=4)
+    config = SchedulerConfig(max_num_batched_tokens=64, max_model_len=64, num_lookahead_tokens=4)
+    scheduler = Scheduler(config, kv)
+    a = Request("a", [3, 4, 5, 6, 7, 8], SamplingParams(max_tokens=8), frozenset(), 8, "a")
+    b = Request("b", [9] * 8, SamplingParams(max_tokens=8), frozenset(), 8, "b")
+    for request in (a, b):
+        request.num_lookahead_tokens = 0
+        scheduler.add_request(request)
+    scheduler.update_from_output(scheduler.schedule(), {"a": [20], "b": [21]})
+    a.num_lookahead_tokens = 4  # 7 computed + 4: a third block, the only free one
+    out = scheduler.schedule()
+    assert out.num_lookahead_tokens == {} and scheduler.stats.num_preemptions == 0
+
+
+def test_the_draft_makes_as_many_proposals_as_the_next_step_could_take():
+    proposer = SpeculativeProposer(
+        SpeculativeConfig(method="draft_model", model="/draft", num_speculative_tokens=4),
+        max_model_len=4096,
+    )
+    plain = _request("plain", [5, 6, 7, 8])
+    penalised = _request("penalised", [5, 6, 7, 8], presence_penalty=0.5)
+    early = _request("early", [5, 6, 7, 8], min_tokens=10)
+    for request in (plain, penalised, early):
+        request.output_token_ids = [9]
+        request.num_computed_tokens = request.num_tokens - 1
+    requests = [plain, penalised, early]
+    proposer.take_draft_tokens({"plain": [1, 2, 3, 4], "penalised": [1], "early": [1]})
+    proposer.propose(requests, [r.request_id for r in requests])
+    # Rate 0.5 pays for one proposal now; after a fully accepted step (0.65) for two.
+    assert plain.spec_token_ids == [1]
+    assert (plain.num_lookahead_tokens, penalised.num_lookahead_tokens) == (2, 0)
+    assert early.spec_token_ids == [] and early.num_lookahead_tokens == 0
+    # Proposals are the last step's only: a step that brought none leaves none.
+    plain.last_verified = (1, 1)
+    plain.output_token_ids += [1, 7]
+    plain.num_computed_tokens = plain.num_tokens - 1
+    proposer.take_draft_tokens({})
+    proposer.propose([plain], ["plain"])
+    assert plain.spec_token_ids == [] and plain.num_lookahead_tokens == 4

@@ -17,7 +17,7 @@ from ernie_cluster.attention import TorchPagedAttention
 from ernie_cluster.quantization.weight import linear
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "attention"))
-from paged_tables import paged_tables  # noqa: E402
+from paged_tables import paged_tables
 
 
 @pytest.fixture
@@ -67,7 +67,9 @@ def reference_attention(q, kv_cache, meta, scale):
     out = torch.empty(q.shape, dtype=torch.float64)
     group = q.shape[1] // kv_cache.shape[2]
     row = 0
-    for seq, (query_len, context_len) in enumerate(zip(meta.query_lens, meta.seq_lens)):
+    for seq, (query_len, context_len) in enumerate(
+        zip(meta.query_lens, meta.seq_lens, strict=True)
+    ):
         table = meta.block_table[seq].long()
         slots = (table[:, None] * meta.block_size + torch.arange(meta.block_size)).flatten()
         keys = kv_cache[0, slots[:context_len]].double().repeat_interleave(group, dim=1)

@@ -16,6 +16,10 @@ It keeps a running acceptance rate r (starting at 0.5, moved 30% toward each ver
 accepted / proposed); if acceptances were independent, the n-th proposal of a step would be
 kept with probability r^n, so it proposes the largest n <= k with r^n >= `min_acceptance`. A
 sequence at n = 0 still proposes one token every 16 steps, so a change of pattern is noticed.
+
+`draft_model` proposals come from the worker after each step (`take_draft_tokens`), so the
+draft must know one step ahead how many to make: `num_lookahead_tokens`, the most the
+sequence's acceptance could pay for after that step (0 for one that never gets proposals).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 
 from ernie_cluster.config.speculative_config import SpeculativeConfig
 from ernie_cluster.engine.request import Request
+from ernie_cluster.engine.speculative.draft_model import DraftModelProposer
 from ernie_cluster.engine.speculative.ngram import NgramProposer
 from ernie_cluster.engine.speculative.suffix import SuffixProposer
 from ernie_cluster.sample.sampling_state import has_penalties
@@ -48,10 +53,12 @@ class SpeculativeProposer:
     def __init__(self, config: SpeculativeConfig, max_model_len: int) -> None:
         self.config = config
         self.max_model_len = max_model_len
+        self._method: NgramProposer | SuffixProposer | DraftModelProposer
+        self._draft: DraftModelProposer | None = None
         if config.method == "ngram":
-            self._method: NgramProposer | SuffixProposer = NgramProposer(
-                config.prompt_lookup_min, config.prompt_lookup_max
-            )
+            self._method = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        elif config.method == "draft_model":
+            self._method = self._draft = DraftModelProposer()
         else:
             self._method = SuffixProposer(
                 config.suffix_decoding_max_tree_depth,
@@ -76,6 +83,14 @@ class SpeculativeProposer:
                 self._forget(request.request_id)  # an ended request's id, reused
                 self._requests[request.request_id] = request
             request.spec_token_ids = self._drafts(request)
+            if self._draft is not None:
+                request.num_lookahead_tokens = self._lookahead(request)
+
+    def take_draft_tokens(self, draft_token_ids: dict[str, list[int]]) -> None:
+        """draft_model: the draft's proposals of the step that just ran (runner output), for
+        the next `propose` to gate."""
+        if self._draft is not None:
+            self._draft.receive(draft_token_ids)
 
     def _forget(self, req_id: str) -> None:
         """The sequence ended: the method gets its whole output (suffix keeps it), and every
@@ -120,10 +135,7 @@ class SpeculativeProposer:
             proposed, accepted = request.last_verified
             request.last_verified = None
             state.rate += _RATE_STEP * (accepted / proposed - state.rate)
-        k, floor = self.config.num_speculative_tokens, self.config.min_acceptance
-        count = 0
-        while count < k and state.rate ** (count + 1) >= floor:
-            count += 1
+        count = self._count(state.rate)
         if count:
             state.idle_steps = 0
             return count
@@ -132,6 +144,29 @@ class SpeculativeProposer:
             state.idle_steps = 0
             return 1
         return 0
+
+    def _count(self, rate: float) -> int:
+        """The largest n <= k with rate^n >= min_acceptance."""
+        k, floor = self.config.num_speculative_tokens, self.config.min_acceptance
+        count = 0
+        while count < k and rate ** (count + 1) >= floor:
+            count += 1
+        return count
+
+    def _lookahead(self, request: Request) -> int:
+        """draft_model: proposals to draft after the sequence's next step: what `_drafts` could
+        take then, i.e. the count at the rate a fully accepted step would leave (or the probe),
+        within the room one more token leaves."""
+        params = request.params
+        next_outputs = request.num_output_tokens + 1 + len(request.spec_token_ids)
+        if request.max_tokens == 0 or has_penalties(params) or next_outputs < params.min_tokens:
+            return 0
+        room = request.max_tokens - request.num_output_tokens - 2
+        state = self._acceptance.get(request.request_id) or _Acceptance()
+        count = self._count(state.rate + _RATE_STEP * (1 - state.rate))
+        if count == 0 and state.idle_steps + 1 >= _PROBE_EVERY:
+            count = 1
+        return max(0, min(count, room))
 
     def _index(self, request: Request) -> None:
         """Feed the method the sequence's tokens it has not seen."""
