@@ -27,9 +27,10 @@ _SLAB_ELEMENTS = 1 << 19
 multiply (smaller slabs cost more calls; whole large weights spill to DRAM twice)."""
 
 _scratch = threading.local()
-_widening = True
-"""Off only while tools run the GPU step's code path on CPU tensors (kernel counts): a GPU
-never widens, so neither may its stand-in."""
+_cpu_paths = True
+"""CPU-only fast paths (this widening, model/cpu_head's prepacked lm_head). Off only while
+tools run the GPU step's code path on CPU tensors (kernel counts): a GPU takes neither, so
+neither may its stand-in."""
 
 
 @functools.cache
@@ -40,13 +41,18 @@ def native_bf16() -> bool:
 
 def widens_bf16(x: torch.Tensor) -> bool:
     """Whether a CPU op on bfloat16 `x` should compute in float32 (module docstring)."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _widening and not native_bf16()
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and _cpu_paths and not native_bf16()
 
 
-def set_widening(enabled: bool) -> None:
-    """Allow (the default) or forbid widening; see `_widening`."""
-    global _widening
-    _widening = enabled
+def cpu_paths() -> bool:
+    """Whether CPU-only fast paths may run (see `_cpu_paths`)."""
+    return _cpu_paths
+
+
+def set_cpu_paths(enabled: bool) -> None:
+    """Allow (the default) or forbid the CPU-only fast paths; see `_cpu_paths`."""
+    global _cpu_paths
+    _cpu_paths = enabled
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

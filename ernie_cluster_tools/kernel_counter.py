@@ -65,7 +65,7 @@ def use_gpu_path(model: nn.Module, enabled: bool = True) -> None:
     from ernie_cluster import cpu_bf16
     from ernie_cluster.attention.backend import TorchPagedAttention
 
-    cpu_bf16.set_widening(not enabled)  # a GPU computes bfloat16 as bfloat16
+    cpu_bf16.set_cpu_paths(not enabled)  # a GPU takes none of the CPU-only paths
     if enabled:
         from ernie_cluster.attention.triton_backend import TritonPagedAttention
 

@@ -38,10 +38,10 @@ def ray_cluster():
 
 
 @pytest.fixture(autouse=True)
-def _cpu_bf16_widening_restored():
+def _cpu_paths_restored():
     """Tools that run the GPU path on CPU tensors (kernel_counter.use_gpu_path) switch the
-    process-wide bfloat16 widening off; no test may inherit that from an earlier one."""
+    process-wide CPU-only paths off; no test may inherit that from an earlier one."""
     yield
     from ernie_cluster import cpu_bf16
 
-    cpu_bf16.set_widening(True)
+    cpu_bf16.set_cpu_paths(True)

@@ -164,14 +164,16 @@ class TorchPagedAttention:
             values = read(1, table).flatten(1, 2).transpose(1, 2)
             key_pos = torch.arange(num_blocks * meta.block_size, device=q.device)
             mask = key_pos[None, :] < meta.seq_lens_tensor[:num_decodes, None]  # [Bd, nb*bs]
-            queries = q[:num_decodes].unsqueeze(2)  # [Bd, Hq, 1, D]
+            # NOTE: the g query heads of each kv head stacked as g queries of one head: the
+            # same scores as enable_gqa, which CPU SDPA runs ~1.3x slower with a mask.
+            num_kv_heads, head_dim = keys.shape[1], keys.shape[3]
+            queries = q[:num_decodes].reshape(num_decodes, num_kv_heads, -1, head_dim)
             attn = F.scaled_dot_product_attention(
-                queries,
+                queries,  # [Bd, Hkv, g, D]
                 keys,
                 values,
                 attn_mask=mask[:, None, None, :],
                 scale=scale,
-                enable_gqa=True,
-            )
-            out[:num_decodes] = attn.squeeze(2)
+            )  # [Bd, Hkv, g, D]
+            out[:num_decodes] = attn.reshape(num_decodes, -1, head_dim)
         return out

@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ernie_cluster import cpu_bf16
 from ernie_cluster.attention.backend import AttentionBackend, TorchPagedAttention
 from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.config.model_config import ErnieMoeConfig
 from ernie_cluster.distributed.communicator import SINGLE_RANK, Communicator
 from ernie_cluster.distributed.layout import choose_replicated
 from ernie_cluster.model.attention import Ernie4_5_MoeAttention
+from ernie_cluster.model.cpu_head import PackedHead
 from ernie_cluster.model.layers import InterleavedRotaryEmbedding, RMSNorm, SwiGLUMLP
 from ernie_cluster.model.moe import Ernie4_5_MoeSparseMoeBlock
 from ernie_cluster.model.sharding import ShardSpec
@@ -194,6 +196,7 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         # The layout of the last forward (or graph replay): compute_logits reads its rows.
         self.step_replicated = False
         self.register_buffer("num_real_tokens", torch.zeros((), dtype=torch.long), persistent=False)
+        self.packed_head = PackedHead()
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -285,16 +288,22 @@ class Ernie4_5_MoeForCausalLM(nn.Module):
         rank 0 (None on the other ranks)."""
         head = self.embed_tokens if self.lm_head is None else self.lm_head
         if self.comm.world_size == 1:
-            return linear(hidden[sample_rows], head).float()
+            return self._head(hidden[sample_rows], head).float()
         if self.step_replicated:
             selected = hidden[sample_rows]  # [B, H]: every row is here
         else:
             selected = self.comm.all_gather_rows(hidden)[sample_rows]  # [B, H]
-        local = linear(selected, head).float()  # [B, V_local]
+        local = self._head(selected, head).float()  # [B, V_local]
         if local.shape[1] < self.vocab_per_rank:
             local = F.pad(local, (0, self.vocab_per_rank - local.shape[1]), value=float("-inf"))
         logits = self.comm.gather_to_first(local, dim=1)  # [B, W * V_per_rank]
         return None if logits is None else logits[:, : self.config.vocab_size]
+
+    def _head(self, hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """hidden [B, H] -> [B, V_local] in the model dtype (prepacked on a CPU: model/cpu_head)."""
+        if PackedHead.supported(head) and cpu_bf16.cpu_paths():
+            return self.packed_head(hidden, head)
+        return linear(hidden, head)
 
     def expert_load(self) -> torch.Tensor:
         """Tokens routed to each expert of each MoE layer on this rank: [moe_layers, experts]."""

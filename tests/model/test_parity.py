@@ -93,7 +93,7 @@ def test_bfloat16_logits_match(variant, monkeypatch):
     # test_cpu_bf16.py), and on these random models any ulp flips a routing somewhere, so
     # logits then stand as far from transformers' as transformers' bfloat16 stands from
     # float32 (up to 0.8 relative).
-    monkeypatch.setattr(cpu_bf16, "_widening", False)
+    monkeypatch.setattr(cpu_bf16, "_cpu_paths", False)
     hf_model, path = variant
     # from_pretrained keeps the router and its bias in float32, as the real checkpoint does.
     reference = Ernie4_5_MoeForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
