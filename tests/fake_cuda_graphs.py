@@ -20,18 +20,76 @@ from torch.utils._pytree import tree_leaves
 from ernie_cluster_tools.diagnostics import SyncRecorder
 
 
+class _TritonLaunch:
+    """A Triton kernel launched in the CPU interpreter during capture: replayed as launched
+    (the same grid, the same tensors and host arguments), as a CUDA graph replays a kernel."""
+
+    def __init__(self, run, kernel, args: tuple, kwargs: dict) -> None:
+        self.run, self.kernel, self.args, self.kwargs = run, kernel, args, kwargs
+
+    def __call__(self) -> None:
+        self.run(self.kernel, *self.args, **self.kwargs)
+
+
 class _Tape(SyncRecorder):
     def __init__(self) -> None:
         super().__init__()
         self.ops_recorded: list[tuple] = []
+        self._launching = 0
+        self._saved_run = None
+
+    def __enter__(self) -> _Tape:
+        self._patch_triton()
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        super().__exit__(*exc)
+        if self._saved_run is not None:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            InterpretedFunction.run = self._saved_run
+
+    def _patch_triton(self) -> None:
+        """Record interpreter launches (TRITON_INTERPRET=1): their work is numpy on the
+        tensors' memory, which no dispatch mode sees. Their own torch bookkeeping is not
+        recorded."""
+        try:
+            from triton.runtime.interpreter import InterpretedFunction
+        except ImportError:
+            return
+        tape, original = self, InterpretedFunction.run
+        self._saved_run = original
+
+        def run(kernel, *args, grid, warmup, **kwargs):
+            if warmup:
+                return original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+            tape._launching += 1
+            tape._readout_depth += 1
+            try:
+                result = original(kernel, *args, grid=grid, warmup=warmup, **kwargs)
+            finally:
+                tape._launching -= 1
+                tape._readout_depth -= 1
+            launch = _TritonLaunch(
+                original, kernel, args, {"grid": grid, "warmup": False, **kwargs}
+            )
+            tape.ops_recorded.append((launch, (), {}, None))
+            return result
+
+        InterpretedFunction.run = run
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self._launching:
+            return func(*args, **(kwargs or {}))
         out = super().__torch_dispatch__(func, types, args, kwargs)
         self.ops_recorded.append((func, args, kwargs or {}, out))
         return out
 
 
 def _rerun(func, args, kwargs, captured) -> None:
+    if isinstance(func, _TritonLaunch):
+        func()
+        return
     fresh = func(*args, **kwargs)
     for new, old in zip(tree_leaves(fresh), tree_leaves(captured), strict=True):
         if isinstance(old, torch.Tensor):

@@ -5,13 +5,16 @@ copied into the graph's static buffers, the rows past B are padding (token 0 at 
 writing its K/V into a spare sink block that no request owns, attending to that one key), and
 the rows the caller samples are always real ones. Padding rows take no expert (the model's
 `num_real_tokens` buffer, set before each replay), so expert-load statistics count only real
-tokens. Steps with a prefill chunk, or more decodes
-than the largest bucket, go to the piecewise graphs (worker/piecewise_graphs) or run eagerly.
+tokens. A step of decodes and speculative verifies (no prefill chunk) replays the same graphs
+as one decode row per query token (worker/decode_rows), in the bucket >= its token count.
+Steps with a prefill chunk, or more rows than the largest bucket, go to the piecewise graphs
+(worker/piecewise_graphs) or run eagerly.
 At W > 1 every rank captures the same buckets in the same order, so the NCCL collectives
 inside the graphs line up (captured only with multi_rank_cuda_graphs, see model_runner).
 
 Attention kernels size their launch grids from host facts; captured graphs see the bound
-`max_model_len` as every sequence's host length, while the device tensors carry the real ones.
+`max_model_len` as every row's host length, while the device tensors carry the real ones (a
+verify row's real length, its position + 1, is within that bound too).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from ernie_cluster.attention.metadata import AttentionMetadata
+from ernie_cluster.worker.decode_rows import as_decode_rows
 from ernie_cluster.worker.input_batch import StepInputs
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,10 @@ class DecodeGraphs:
             (max_b, batch.max_blocks_per_req), dtype=torch.int32, device=device
         )
         self.graphs: dict[int, _Graph] = {}
+        # NOTE: verify rows only under the graph-safe backend (the one capture_graphs takes
+        # whole-step graphs for); the other backends' verifies stay on the piecewise path.
+        backend = self.model.layers[0].self_attn.backend
+        self.runs_verify_rows = getattr(backend, "cuda_graph_safe", False)
         self._pad()
         # Capture with every row counted as padding: no expert load from dummy tokens.
         self.model.set_num_real_tokens(0)
@@ -138,26 +146,35 @@ class DecodeGraphs:
         )
         return graphs
 
-    def bucket_for(self, num_seqs: int) -> int | None:
-        return smallest_bucket(self.buckets, num_seqs)
+    def bucket_for(self, num_rows: int) -> int | None:
+        return smallest_bucket(self.buckets, num_rows)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor | None:
-        """The step's hidden rows from a graph replay, or None when it must run eagerly."""
+    def run(self, inputs: StepInputs, decode_and_verify: bool = False) -> torch.Tensor | None:
+        """The step's hidden rows from a graph replay, or None when it must run eagerly.
+        `decode_and_verify`: the caller's word that every sequence is a decode or a verify
+        (worker/decode_rows.is_decode_and_verify), so a step with verifies may replay too."""
         meta = inputs.meta
-        num_seqs = meta.num_seqs
-        if meta.num_decodes != num_seqs or num_seqs == 0:
+        if meta.num_decodes != meta.num_seqs:
+            if not (decode_and_verify and self.runs_verify_rows):
+                return None
+            if self.bucket_for(meta.num_tokens) is None:
+                return None
+            inputs = as_decode_rows(inputs)
+            meta = inputs.meta
+        num_rows = meta.num_seqs
+        if num_rows == 0:
             return None
-        size = self.bucket_for(num_seqs)
+        size = self.bucket_for(num_rows)
         if size is None:
             return None
-        self.input_ids[:num_seqs].copy_(inputs.input_ids)
-        self.positions[:num_seqs].copy_(inputs.positions)
-        self.slot_mapping[:num_seqs].copy_(meta.slot_mapping)
-        self.seq_lens[:num_seqs].copy_(meta.seq_lens_tensor)
+        self.input_ids[:num_rows].copy_(inputs.input_ids)
+        self.positions[:num_rows].copy_(inputs.positions)
+        self.slot_mapping[:num_rows].copy_(meta.slot_mapping)
+        self.seq_lens[:num_rows].copy_(meta.seq_lens_tensor)
         columns = meta.block_table.shape[1]
-        self.block_table[:num_seqs, :columns].copy_(meta.block_table)
-        self._pad(num_seqs)
-        self.model.set_num_real_tokens(num_seqs)
+        self.block_table[:num_rows, :columns].copy_(meta.block_table)
+        self._pad(num_rows)
+        self.model.set_num_real_tokens(num_rows)
         entry = self.graphs[size]
         entry.graph.replay()
         self.model.comm.add_host_bytes(entry.host_bytes)

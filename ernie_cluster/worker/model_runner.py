@@ -6,8 +6,9 @@ driver only sends diffs. A step is one packed host->device copy of its inputs
 (worker/input_batch), the forward, sampling on rank 0 (under the step's grammar bitmask, if any), and one device->host copy of the
 sampled tokens (plus logprobs when asked); nothing else reads the device back (prompt logprobs,
 when a request asks, add one copy: worker/prompt_logprobs). Steps replay
-CUDA graphs when they were captured: whole decode steps (worker/cuda_graphs), every other
-step piecewise (worker/piecewise_graphs). Never decides who runs.
+CUDA graphs when they were captured: whole decode steps, speculative verifies among them
+(worker/cuda_graphs), every other step piecewise (worker/piecewise_graphs). Never decides who
+runs.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from ernie_cluster.sample.sampling_state import record_sampled
 from ernie_cluster.sample.speculative import accepted_rows
 from ernie_cluster.step_io import GrammarBitmask, ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker import prompt_logprobs
+from ernie_cluster.worker.decode_rows import is_decode_and_verify
 from ernie_cluster.worker.input_batch import InputBatch, StepInputs
 from ernie_cluster.worker.kv_offload import HostKVPool
 
@@ -255,8 +257,8 @@ class ModelRunner:
         inputs, sample_ids = self._prepare(out)
         prompt_plan = self.prompt_plan
         hidden = None
-        if self.cuda_graphs is not None:
-            hidden = self.cuda_graphs.run(inputs)
+        if self.cuda_graphs is not None:  # decodes, and verifies as decode rows
+            hidden = self.cuda_graphs.run(inputs, is_decode_and_verify(out))
         if hidden is None and self.piecewise_graphs is not None:
             hidden = self.piecewise_graphs.run(inputs)
         if hidden is None:
