@@ -46,7 +46,8 @@ run_step w8a8_kernels 120 "$PY" -m pytest -q -p no:cacheprovider \
 wait
 
 run_step graphs 150 "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/graphs.xml" \
-    tests/worker/test_cuda_graphs.py tests/distributed/test_pynccl.py -k "real_graphs or real_nccl"
+    tests/worker/test_cuda_graphs.py tests/worker/test_verify_graphs.py tests/distributed/test_pynccl.py \
+    -k "real_graphs or real_verify_graphs or real_nccl"
 
 run_step bench_gpu 210 "$PY" benchmarks/bench_gpu.py --backends triton --modes graphs,eager \
     --batches 1,64 --contexts 4K --mixed 63x4K+1x128K --prefill-lens 8K --prefill-repeats 1 \
