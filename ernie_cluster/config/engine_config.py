@@ -62,8 +62,8 @@ class EngineSettings(BaseModel):
         None,
         description="speculative decoding, as JSON: "
         '\'{"method": "ngram", "num_speculative_tokens": 4}\' (methods ngram, suffix, '
-        'draft_model with "model": a draft checkpoint; greedy and sampled outputs keep their '
-        "distribution; unset: off)",
+        'draft_model with "model": a draft checkpoint, ernie_mtp: the checkpoint\'s own MTP '
+        "layer; greedy and sampled outputs keep their distribution; unset: off)",
     )
     device: str = Field("cpu", description="torch device of the workers ('cuda' on GPU nodes)")
     tensor_parallel_size: int = Field(

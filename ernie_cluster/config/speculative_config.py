@@ -2,8 +2,8 @@
 
 One declaration of what an operator may set: the method and how many tokens it proposes per
 step, plus each method's own knobs under vLLM's names. The proposers themselves live in
-`engine/speculative/` (a draft model's forwards in worker/draft_runner); the verification rides
-in the normal step (worker/model_runner).
+`engine/speculative/` (a draft model's forwards in worker/draft_runner, the MTP layer's in
+worker/mtp_runner); the verification rides in the normal step (worker/model_runner).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-SpeculativeMethod = Literal["ngram", "suffix", "draft_model"]
+SpeculativeMethod = Literal["ngram", "suffix", "draft_model", "ernie_mtp"]
+MODEL_METHODS = ("draft_model", "ernie_mtp")
+"""The methods whose proposals a model makes in the worker after each step."""
 
 
 class SpeculativeConfig(BaseModel):
@@ -23,7 +25,9 @@ class SpeculativeConfig(BaseModel):
     method: SpeculativeMethod = Field(
         description="ngram: prompt lookup over the request's own tokens; suffix: a suffix "
         "structure over the request's tokens and recent outputs of other requests; "
-        "draft_model: greedy tokens of a small checkpoint with the same vocabulary (`model`)"
+        "draft_model: greedy tokens of a small checkpoint with the same vocabulary (`model`); "
+        "ernie_mtp: greedy tokens of the target checkpoint's own MTP layer (`mtp_*` weights, "
+        "ERNIE-4.5 PT checkpoints; one layer, repeated for k > 1; tensor_parallel_size 1)"
     )
     num_speculative_tokens: int = Field(
         ge=1, le=32, description="most tokens proposed per sequence and step (k)"
@@ -73,8 +77,9 @@ class SpeculativeConfig(BaseModel):
     @property
     def num_lookahead_tokens(self) -> int:
         """KV slots a sequence needs past its step for the draft's proposals: k with
-        draft_model (worker/draft_runner), 0 for the methods without a model."""
-        return self.num_speculative_tokens if self.method == "draft_model" else 0
+        draft_model (worker/draft_runner) and ernie_mtp (worker/mtp_runner: the proposal count
+        it reads; it writes k - 1 of them), 0 for the methods without a model."""
+        return self.num_speculative_tokens if self.method in MODEL_METHODS else 0
 
     @model_validator(mode="after")
     def _check_method_fields(self) -> SpeculativeConfig:
@@ -84,9 +89,14 @@ class SpeculativeConfig(BaseModel):
                 '{"method": "draft_model", "model": "<path or repo id>", ...}'
             )
         if self.method != "draft_model" and self.model is not None:
+            without = (
+                "reads the target checkpoint's own mtp_* weights"
+                if self.method == "ernie_mtp"
+                else "proposes without one"
+            )
             raise ValueError(
                 f"model ({self.model!r}) is the draft checkpoint of method 'draft_model'; "
-                f"method {self.method!r} proposes without one"
+                f"method {self.method!r} {without}"
             )
         if self.draft_tensor_parallel_size not in (None, 1):
             raise ValueError(

@@ -81,28 +81,33 @@ def load_draft_model(
     return draft
 
 
-class DraftRunner:
-    def __init__(self, model: Ernie4_5_MoeForCausalLM, target: ModelRunner) -> None:
-        """The draft's cache mirrors `target`'s: same blocks, block size, host tier slots."""
+class MirroredKVCache:
+    """A proposing model's paged KV cache on the target's blocks (this module's docstring):
+    the target's block count and block size plus its spare block, so both caches have the
+    same slots, and with a host tier its own host pool of the target's slots."""
+
+    def __init__(self, model: torch.nn.Module, target: ModelRunner) -> None:
         self.model = model
         self.block_size = target.block_size
         self.device = target.device
         cache_dtype = kv_cache_torch_dtype(target.config.kv_cache_dtype, model.dtype)
-        # NOTE: the target's spare block too, so both caches have the same slots.
+        # NOTE: allocate_kv_caches reads only the model's `layers` and `dtype`.
         self.kv_caches = allocate_kv_caches(
             model, target.num_blocks + 1, self.block_size, self.device, cache_dtype
         )
         model.bind_kv_caches(self.kv_caches)
         self.kv_offload: HostKVPool | None = None
-        if target.kv_offload is not None:  # the same host slots as the target's tier
+        if target.kv_offload is not None:
             num_host_blocks = target.kv_offload.num_host_blocks
             self.kv_offload = HostKVPool(self.kv_caches, self.block_size, num_host_blocks)
 
     def copy_blocks(self, out: SchedulerOutput) -> None:
-        """The step's host-tier copies, on the draft's blocks (the target's own run beside)."""
+        """The step's host-tier copies, on this cache's blocks (the target's own run beside)."""
         if self.kv_offload is not None:
             self.kv_offload.execute(out.kv_saves, out.kv_loads)
 
+
+class DraftRunner(MirroredKVCache):
     @torch.inference_mode()
     def propose(
         self,
@@ -110,9 +115,11 @@ class DraftRunner:
         inputs: StepInputs,
         out: SchedulerOutput,
         result: ModelRunnerOutput,
+        hidden: torch.Tensor | None = None,
     ) -> dict[str, list[int]]:
         """Mirror the target's step in the draft's cache, then the proposals of each sequence
-        with lookahead slots that sampled this step (its new tokens are in `target`'s state)."""
+        with lookahead slots that sampled this step (its new tokens are in `target`'s state).
+        `hidden` (the target's rows, which ernie_mtp reads) is unused: the draft has its own."""
         self.model(inputs.input_ids, inputs.positions, inputs.meta)  # KV only: [N, H] dropped
         chosen = [
             (num, req_id)

@@ -35,6 +35,7 @@ from ernie_cluster.worker.kv_offload import HostKVPool
 
 if TYPE_CHECKING:
     from ernie_cluster.worker.draft_runner import DraftRunner
+    from ernie_cluster.worker.mtp_runner import MTPRunner
 
 logger = logging.getLogger(__name__)
 
@@ -113,8 +114,9 @@ class ModelRunner:
         self.piecewise_graphs = None
         self.prompt_plan: prompt_logprobs.PromptLogprobsPlan | None = None
         """The last prepared step's prompt-logprob rows (None: no request asked)."""
-        self.draft: DraftRunner | None = None
-        """draft_model on rank 0: mirrors each step in its own cache, then proposes."""
+        self.draft: DraftRunner | MTPRunner | None = None
+        """draft_model or ernie_mtp on rank 0: mirrors each step in its own cache, then
+        proposes."""
 
     def capture_cuda_graphs(self) -> None:
         """Capture the step graphs (CUDA only, unless enforce_eager; at W > 1 only when asked)."""
@@ -271,8 +273,8 @@ class ModelRunner:
         if sample_ids:
             logits = self.model.compute_logits(hidden, inputs.sample_rows)  # [S, V] on rank 0
             self._sample(logits, sample_ids, out.grammar, result, out.spec_token_ids)
-        if self.draft is not None:  # worker/draft_runner
-            result.draft_token_ids = self.draft.propose(self, inputs, out, result)
+        if self.draft is not None:  # worker/draft_runner, worker/mtp_runner
+            result.draft_token_ids = self.draft.propose(self, inputs, out, result, hidden)
         return result
 
     def _sample(

@@ -1,5 +1,6 @@
 """One rank's worker: loads its shard of the model (and on rank 0 a draft_model's draft,
-worker/draft_runner), sizes (worker/kv_cache_sizing) and owns its KV cache, runs steps.
+worker/draft_runner, or ernie_mtp's MTP layer, worker/mtp_runner), sizes
+(worker/kv_cache_sizing) and owns its KV cache, runs steps.
 
 The same class runs in-process (LocalExecutor) and inside a Ray actor (RayExecutor). It never
 schedules: it executes the SchedulerOutput it is given.
@@ -22,6 +23,7 @@ from ernie_cluster.step_io import ModelRunnerOutput, SchedulerOutput
 from ernie_cluster.worker.draft_runner import DraftRunner, load_draft_model
 from ernie_cluster.worker.kv_cache_sizing import determine_num_kv_blocks
 from ernie_cluster.worker.model_runner import ModelRunner
+from ernie_cluster.worker.mtp_runner import MTPRunner, load_mtp_model
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +64,15 @@ class Worker:
         # NOTE: a draft model (draft_model) loads on rank 0 before sizing, which counts its
         # weights as used memory and its KV in each block's bytes.
         draft = load_draft_model(config, self.model, self.device) if rank == 0 else None
-        self.num_kv_blocks = determine_num_kv_blocks(self.model, config, self.device, draft=draft)
+        mtp = load_mtp_model(config, model_dir, self.model, self.device, rank)  # ernie_mtp
+        # NOTE: the MTP layer's KV, like a draft's, is one more cache of the same blocks.
+        sized = draft if draft is not None else mtp
+        self.num_kv_blocks = determine_num_kv_blocks(self.model, config, self.device, draft=sized)
         self.runner = ModelRunner(self.model, self.num_kv_blocks, config, self.device)
         if draft is not None:
             self.runner.draft = DraftRunner(draft, self.runner)
+        if mtp is not None:
+            self.runner.draft = MTPRunner(mtp, self.runner)
         self.runner.capture_cuda_graphs()
         # NOTE: the profiling and capture forwards routed dummy tokens; served load starts here.
         for name, buffer in self.model.named_buffers():

@@ -17,9 +17,10 @@ accepted / proposed); if acceptances were independent, the n-th proposal of a st
 kept with probability r^n, so it proposes the largest n <= k with r^n >= `min_acceptance`. A
 sequence at n = 0 still proposes one token every 16 steps, so a change of pattern is noticed.
 
-`draft_model` proposals come from the worker after each step (`take_draft_tokens`), so the
-draft must know one step ahead how many to make: `num_lookahead_tokens`, the most the
-sequence's acceptance could pay for after that step (0 for one that never gets proposals).
+`draft_model` and `ernie_mtp` proposals come from the worker after each step
+(`take_draft_tokens`), so the draft must know one step ahead how many to make:
+`num_lookahead_tokens`, the most the sequence's acceptance could pay for after that step (0
+for one that never gets proposals).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ernie_cluster.config.speculative_config import SpeculativeConfig
+from ernie_cluster.config.speculative_config import MODEL_METHODS, SpeculativeConfig
 from ernie_cluster.engine.request import Request
 from ernie_cluster.engine.speculative.draft_model import DraftModelProposer
 from ernie_cluster.engine.speculative.ngram import NgramProposer
@@ -57,7 +58,7 @@ class SpeculativeProposer:
         self._draft: DraftModelProposer | None = None
         if config.method == "ngram":
             self._method = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-        elif config.method == "draft_model":
+        elif config.method in MODEL_METHODS:  # draft_model, ernie_mtp: made in the worker
             self._method = self._draft = DraftModelProposer()
         else:
             self._method = SuffixProposer(
