@@ -106,6 +106,28 @@ class MirroredKVCache:
         if self.kv_offload is not None:
             self.kv_offload.execute(out.kv_saves, out.kv_loads)
 
+    def one_token_meta(
+        self,
+        positions: torch.Tensor,
+        slots: torch.Tensor,
+        seq_lens: list[int],
+        block_table: torch.Tensor,
+        steps: torch.Tensor,
+    ) -> AttentionMetadata:
+        """A proposal step of one token per sequence: positions [b], slots [b], host lengths
+        [b], block_table [>= b, columns] (row i the i-th sequence's), steps arange(>= b + 1)."""
+        size = positions.shape[0]
+        return AttentionMetadata(
+            query_lens=[1] * size,
+            seq_lens=seq_lens,
+            block_size=self.block_size,
+            slot_mapping=slots,
+            query_start_loc=steps[: size + 1].to(torch.int32),
+            seq_lens_tensor=(positions + 1).to(torch.int32),
+            block_table=block_table[:size],
+            num_decodes=size,
+        )
+
 
 class DraftRunner(MirroredKVCache):
     @torch.inference_mode()
@@ -154,16 +176,9 @@ class DraftRunner(MirroredKVCache):
         offset = 0
         for j, size in enumerate(sizes):
             step_positions = positions_d[offset : offset + size]  # [b]
-            meta = AttentionMetadata(
-                query_lens=[1] * size,
-                seq_lens=(first[:size] + j + 1).tolist(),
-                block_size=self.block_size,
-                slot_mapping=slots_d[offset : offset + size],
-                query_start_loc=steps[: size + 1].to(torch.int32),
-                seq_lens_tensor=(step_positions + 1).to(torch.int32),
-                block_table=block_table[:size],
-                num_decodes=size,
-            )
+            seq_lens = (first[:size] + j + 1).tolist()
+            slots = slots_d[offset : offset + size]
+            meta = self.one_token_meta(step_positions, slots, seq_lens, block_table, steps)
             hidden = self.model(tokens[:size], step_positions, meta)  # [b, H]
             tokens = self.model.compute_logits(hidden, steps[:size]).argmax(-1)  # [b]
             proposals[:size, j] = tokens

@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from ernie_cluster.attention.metadata import AttentionMetadata
 from ernie_cluster.attention.selector import get_attention_backend
 from ernie_cluster.config.engine_config import EngineConfig, max_model_len_for
 from ernie_cluster.loader.checkpoint_files import weight_map
@@ -219,16 +218,9 @@ class MTPRunner(MirroredKVCache):
         offset = 0
         for j, size in enumerate(sizes, start=1):
             step_positions = positions_d[offset : offset + size]  # [b]
-            meta = AttentionMetadata(
-                query_lens=[1] * size,
-                seq_lens=(last[:size] + j + 1).tolist(),
-                block_size=self.block_size,
-                slot_mapping=slots_d[offset : offset + size],
-                query_start_loc=steps[: size + 1].to(torch.int32),
-                seq_lens_tensor=(step_positions + 1).to(torch.int32),
-                block_table=block_table[:size],
-                num_decodes=size,
-            )
+            seq_lens = (last[:size] + j + 1).tolist()
+            slots = slots_d[offset : offset + size]
+            meta = self.one_token_meta(step_positions, slots, seq_lens, block_table, steps)
             embeds = F.embedding(tokens[:size], target_model.embed_tokens)  # [b, H]
             mtp_hidden = self.model(embeds, step_positions, mtp_hidden[:size], meta)  # [b, H]
             tokens = target_model.compute_logits(mtp_hidden, steps[:size]).argmax(-1)  # [b]
