@@ -95,9 +95,14 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-m{c[0]}-k{c[1]}-e{c[2]}" for c in CASES])
-@pytest.mark.parametrize("method", ["triton", "grouped_mm", "loop"])
-def test_matches_per_expert_loop(method, case, dtype):
+@pytest.mark.parametrize("method", ["triton", "grouped_mm", "loop", "loop-per-op"])
+def test_matches_per_expert_loop(method, case, dtype, monkeypatch):
+    """loop: its GEMMs written in place where it can (plain weights, no bf16 widening);
+    loop-per-op: the general form quantized and widened weights take."""
     skip_without(method)
+    if method == "loop-per-op":
+        monkeypatch.setattr(fused_moe, "_mm_in_place", lambda *args: False)
+        method = "loop"
     if method == "grouped_mm" and DEVICE == "cuda" and dtype == torch.float32:
         pytest.skip("torch._grouped_mm on CUDA takes bfloat16 only (else a syncing fallback)")
     num_tokens, top_k, num_experts, start, kind = case

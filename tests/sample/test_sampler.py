@@ -326,3 +326,20 @@ def test_logprobs_for_a_subset_of_rows_and_more_than_the_vocabulary():
     for row in (1, 3):
         for token, value in logprobs[row].items():
             assert value == pytest.approx(reference[row, token].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_first_argmax_is_argmax_ties_and_nan_included(dtype):
+    """The CPU greedy pick (torch.max's index) is torch.argmax's: the first maximum of a row,
+    NaN counted as the maximum."""
+    from ernie_cluster.sample.sampler import first_argmax
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 32000, generator=gen).to(dtype)
+    logits[:8, 100] = logits[:8, 20000] = 50.0  # ties: the first wins
+    logits[8, [5, 7]] = float("nan")
+    logits[9] = 0.0
+    got = first_argmax(logits)
+    assert got.dtype == torch.int64
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert got[:8].tolist() == [100] * 8 and got[8] == 5 and got[9] == 0
