@@ -278,7 +278,10 @@ def _loop_swiglu(
     """The per-expert loop: reads the counts on the host and runs one matmul pair per active
     expert (the CPU default; on CUDA only for shapes grouped_mm rejects)."""
     if _mm_in_place(rows, gate_up, down):
-        return _loop_swiglu_in_place(rows, gate_up, down, counts.tolist())
+        count_list = counts.tolist()
+        if _pads_cheaply(rows, count_list):
+            return _padded_swiglu(rows, gate_up, down, counts, count_list)
+        return _loop_swiglu_in_place(rows, gate_up, down, count_list)
     out = torch.empty_like(rows)
     offset = 0
     for expert, count in enumerate(counts.tolist()):
@@ -316,6 +319,50 @@ def _loop_swiglu_in_place(
     hidden = F.silu(gate).mul_(up)  # [P, I]
     for expert, start, stop in spans:
         torch.mm(hidden[start:stop], down[expert].t(), out=out[start:stop])
+    return out
+
+
+_MAX_PADDED_ROWS = 64
+"""Largest per-expert row count _padded_swiglu pads to (past it the loop's GEMMs are big
+enough that a call's fixed cost no longer matters)."""
+
+
+def _pads_cheaply(rows: torch.Tensor, counts: list[int]) -> bool:
+    """Whether to run the experts as two batched GEMMs over rows padded per expert.
+
+    NOTE: on a CPU with native bfloat16 (AMX, AVX512-BF16) a bfloat16 oneDNN GEMM costs
+    30-60 us whatever its rows, so at decode sizes the loop is call-bound: one batched GEMM
+    over every expert padded to the largest count is 2.6x faster (mini, 32 tokens, one thread:
+    14.1 -> 5.3 ms per layer) and gives the same values. float32's MKL GEMMs cost less per
+    call than the padding (measured slower), and a skewed routing would pad too much."""
+    if rows.dtype != torch.bfloat16 or rows.device.type != "cpu" or not cpu_bf16.native_bf16():
+        return False
+    largest, total = max(counts, default=0), sum(counts)
+    return 0 < largest <= _MAX_PADDED_ROWS and len(counts) * largest <= 4 * total
+
+
+def _padded_swiglu(
+    rows: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    counts: torch.Tensor,
+    count_list: list[int],
+) -> torch.Tensor:
+    """_loop_swiglu as batched GEMMs: each expert's rows padded with zeros to the largest
+    count C (a zero row stays zero through SwiGLU) -> [P, H], rows past the owned ones unset."""
+    num_local, largest, owned = len(count_list), max(count_list), sum(count_list)
+    hidden = rows.shape[1]
+    # [P_owned] padded row of each sorted pair: its expert's first padded row plus its rank
+    first_sorted = counts.cumsum(0) - counts  # [E]
+    shift = torch.arange(num_local) * largest - first_sorted
+    padded_row = torch.repeat_interleave(shift, counts, output_size=owned) + torch.arange(owned)
+    padded = rows.new_zeros(num_local * largest, hidden)
+    padded.index_copy_(0, padded_row, rows[:owned])
+    gate_up_out = torch.bmm(padded.view(num_local, largest, hidden), gate_up.transpose(1, 2))
+    gate, up = gate_up_out.chunk(2, dim=-1)  # [E, C, I] each
+    expert_out = torch.bmm(F.silu(gate).mul_(up), down.transpose(1, 2))  # [E, C, H]
+    out = torch.empty_like(rows)
+    torch.index_select(expert_out.view(-1, hidden), 0, padded_row, out=out[:owned])
     return out
 
 

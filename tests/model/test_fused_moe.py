@@ -95,13 +95,19 @@ CASES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[4]}-m{c[0]}-k{c[1]}-e{c[2]}" for c in CASES])
-@pytest.mark.parametrize("method", ["triton", "grouped_mm", "loop", "loop-per-op"])
+@pytest.mark.parametrize("method", ["triton", "grouped_mm", "loop", "loop-per-op", "loop-padded"])
 def test_matches_per_expert_loop(method, case, dtype, monkeypatch):
     """loop: its GEMMs written in place where it can (plain weights, no bf16 widening);
-    loop-per-op: the general form quantized and widened weights take."""
+    loop-per-op: the general form quantized and widened weights take; loop-padded: the
+    batched GEMMs over padded experts (native-bf16 CPUs at decode sizes), forced here."""
     skip_without(method)
     if method == "loop-per-op":
         monkeypatch.setattr(fused_moe, "_mm_in_place", lambda *args: False)
+        method = "loop"
+    if method == "loop-padded":
+        if DEVICE != "cpu":
+            pytest.skip("the padded loop is a CPU path")
+        monkeypatch.setattr(fused_moe, "_pads_cheaply", lambda rows, counts: max(counts) > 0)
         method = "loop"
     if method == "grouped_mm" and DEVICE == "cuda" and dtype == torch.float32:
         pytest.skip("torch._grouped_mm on CUDA takes bfloat16 only (else a syncing fallback)")
