@@ -151,7 +151,8 @@ def decode_groups(meta: AttentionMetadata) -> list[DecodeGroup]:
     """The step's decode rows in groups of similar length, so padding each group to its
     longest row wastes little (rows of 64 to 640 tokens padded to the longest: ~40% of the
     keys read are padding). Rows sorted by length are cut where the padding saved pays for one
-    more call (an exact split, O(B^2) on host ints). Cached on `meta` for every layer."""
+    more call (an exact split on host ints, quadratic in the distinct block counts). Cached on
+    `meta` for every layer."""
     cached = meta.__dict__.get("_decode_groups")
     if cached is not None:
         return cached
@@ -165,20 +166,34 @@ def decode_groups(meta: AttentionMetadata) -> list[DecodeGroup]:
         meta.__dict__["_decode_groups"] = groups
         return groups
     order = sorted(range(count), key=meta.seq_lens.__getitem__)
-    padded = [-(-meta.seq_lens[i] // block) * block for i in order]  # ascending
-    # best[j]: least cost of rows order[:j]; a group (i, j] costs (j - i) * padded[j - 1]
-    best, cut = [0] + [0] * count, [0] * (count + 1)
-    for j in range(1, count + 1):
-        best[j], cut[j] = min(
-            (best[i] + (j - i) * padded[j - 1] + _GROUP_OVERHEAD_KEYS, i) for i in range(j)
+    # Runs of rows with the same block count: a cut inside a run never pays, so the split
+    # chooses among run ends only (at most one per distinct block count).
+    run_blocks: list[int] = []  # ascending block count of each run
+    run_ends: list[int] = []  # end of each run in `order`
+    for position, row in enumerate(order):
+        blocks = -(-meta.seq_lens[row] // block)
+        if run_blocks and run_blocks[-1] == blocks:
+            run_ends[-1] = position + 1
+        else:
+            run_blocks.append(blocks)
+            run_ends.append(position + 1)
+    # best[r]: least cost (keys read plus calls) of rows up to run r's end, cut[r] the run
+    # before its group; a group of runs (c, r] pads every row to run r's blocks
+    ends = [0, *run_ends]
+    best, cut = [0] * len(ends), [0] * len(ends)
+    for r in range(1, len(ends)):
+        keys = run_blocks[r - 1] * block
+        best[r], cut[r] = min(
+            (best[c] + (ends[r] - ends[c]) * keys + _GROUP_OVERHEAD_KEYS, c) for c in range(r)
         )
     groups = []
-    j = count
-    while j > 0:
-        i = cut[j]
-        rows = slice(0, count) if i == 0 and j == count else torch.tensor(order[i:j])
-        groups.append(DecodeGroup(rows, padded[j - 1] // block))
-        j = i
+    r = len(ends) - 1
+    while r > 0:
+        c = cut[r]
+        whole = c == 0 and r == len(ends) - 1
+        rows = slice(0, count) if whole else torch.tensor(order[ends[c] : ends[r]])
+        groups.append(DecodeGroup(rows, run_blocks[r - 1]))
+        r = c
     meta.__dict__["_decode_groups"] = groups
     return groups
 

@@ -277,20 +277,15 @@ def _loop_swiglu(
 ) -> torch.Tensor:
     """The per-expert loop: reads the counts on the host and runs one matmul pair per active
     expert (the CPU default; on CUDA only for shapes grouped_mm rejects)."""
+    count_list = counts.tolist()
     if _mm_in_place(rows, gate_up, down):
-        count_list = counts.tolist()
         if _pads_cheaply(rows, count_list):
             return _padded_swiglu(rows, gate_up, down, counts, count_list)
         return _loop_swiglu_in_place(rows, gate_up, down, count_list)
     out = torch.empty_like(rows)
-    offset = 0
-    for expert, count in enumerate(counts.tolist()):
-        if count == 0:
-            continue
-        chunk = rows[offset : offset + count]
-        gate, up = linear(chunk, _expert(gate_up, expert)).chunk(2, dim=-1)
-        out[offset : offset + count] = linear(F.silu(gate) * up, _expert(down, expert))
-        offset += count
+    for expert, start, stop in _expert_spans(count_list):
+        gate, up = linear(rows[start:stop], _expert(gate_up, expert)).chunk(2, dim=-1)
+        out[start:stop] = linear(F.silu(gate) * up, _expert(down, expert))
     return out
 
 
